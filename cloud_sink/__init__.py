@@ -1,0 +1,1 @@
+"""The cloud sink: stores every record that arrives, exactly once, and answers queries."""

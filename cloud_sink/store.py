@@ -1,0 +1,212 @@
+"""The cloud store: SQLite through sqlite-utils, with migrations and idempotent applies.
+
+`Store.apply()` validates each record, writes the rows and the custody inbox state in the same
+transaction, so a redelivered batch changes nothing. Records that fail validation are kept in
+`rejected` with their reason (they are acknowledged: a re-send would not make them valid).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from fogline.codec import Batch, Record
+from fogline.custody import Inbox
+from fogline.db import connect, migrate
+
+STORE_FILE = "cloud.db"
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE summaries (
+        src TEXT NOT NULL, seq INTEGER NOT NULL, edge TEXT NOT NULL, device TEXT NOT NULL,
+        first INTEGER NOT NULL, last INTEGER NOT NULL, count INTEGER NOT NULL,
+        t0 REAL, t1 REAL, fields TEXT, min TEXT, mean TEXT, max TEXT, std TEXT,
+        events INTEGER, stored REAL NOT NULL, PRIMARY KEY (src, seq));
+    CREATE INDEX summaries_device ON summaries(device, first);
+    CREATE TABLE events (
+        src TEXT NOT NULL, seq INTEGER NOT NULL, edge TEXT NOT NULL, device TEXT NOT NULL,
+        first INTEGER NOT NULL, last INTEGER NOT NULL, count INTEGER NOT NULL, ts REAL,
+        kind TEXT, field TEXT, value REAL, baseline REAL, z REAL, stored REAL NOT NULL,
+        PRIMARY KEY (src, seq));
+    CREATE INDEX events_device ON events(device, ts);
+    CREATE TABLE drops (
+        src TEXT NOT NULL, seq INTEGER NOT NULL, origin TEXT, reason TEXT NOT NULL,
+        records INTEGER, kinds TEXT, ts REAL, stored REAL NOT NULL, PRIMARY KEY (src, seq));
+    CREATE TABLE drop_ranges (
+        src TEXT NOT NULL, seq INTEGER NOT NULL, device TEXT NOT NULL,
+        first INTEGER NOT NULL, last INTEGER NOT NULL, reason TEXT NOT NULL);
+    CREATE INDEX drop_ranges_device ON drop_ranges(device, first);
+    CREATE TABLE rollups (
+        src TEXT NOT NULL, seq INTEGER NOT NULL, fog TEXT, edge TEXT, t0 REAL, t1 REAL,
+        readings INTEGER, summaries INTEGER, events INTEGER, dropped INTEGER, devices INTEGER,
+        stored REAL NOT NULL, PRIMARY KEY (src, seq));
+    CREATE TABLE rejected (
+        src TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT, reason TEXT NOT NULL,
+        body TEXT, stored REAL NOT NULL, PRIMARY KEY (src, seq))
+    """,
+]
+
+
+class InvalidRecord(ValueError):
+    """A record body does not have the fields its kind needs."""
+
+
+def _int(body: dict[str, Any], key: str) -> int:
+    v = body.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise InvalidRecord(f"{key} must be a natural number")
+    return v
+
+
+def _num(body: dict[str, Any], key: str) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise InvalidRecord(f"{key} must be a finite number")
+    return float(v)
+
+
+def _str(body: dict[str, Any], key: str) -> str:
+    v = body.get(key)
+    if not isinstance(v, str) or not v or len(v) > 64:
+        raise InvalidRecord(f"{key} must be a short string")
+    return v
+
+
+def _range(body: dict[str, Any]) -> tuple[int, int, int]:
+    first, last, count = _int(body, "first"), _int(body, "last"), _int(body, "count")
+    if last < first or count != last - first + 1:
+        raise InvalidRecord("first/last/count disagree")
+    return first, last, count
+
+
+def _summary(src: str, rec: Record, now: float) -> dict[str, Any]:
+    b = rec.body
+    first, last, count = _range(b)
+    lists = {k: b.get(k) for k in ("fields", "min", "mean", "max", "std")}
+    if not all(isinstance(v, list) for v in lists.values()):
+        raise InvalidRecord("fields/min/mean/max/std must be lists")
+    return {
+        "src": src, "seq": rec.seq, "edge": _str(b, "edge"), "device": _str(b, "device"),
+        "first": first, "last": last, "count": count, "t0": _num(b, "t0"), "t1": _num(b, "t1"),
+        **{k: json.dumps(v) for k, v in lists.items()},
+        "events": _int(b, "events"), "stored": now,
+    }  # fmt: skip
+
+
+def _event(src: str, rec: Record, now: float) -> dict[str, Any]:
+    b = rec.body
+    first, last, count = _range(b)
+    return {
+        "src": src, "seq": rec.seq, "edge": _str(b, "edge"), "device": _str(b, "device"),
+        "first": first, "last": last, "count": count, "ts": _num(b, "ts"),
+        "kind": _str(b, "kind"), "field": _str(b, "field"), "value": _num(b, "value"),
+        "baseline": _num(b, "baseline"), "z": _num(b, "z"), "stored": now,
+    }  # fmt: skip
+
+
+def _drop(src: str, rec: Record, now: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    b = rec.body
+    reason = _str(b, "reason")
+    ranges = b.get("ranges")
+    if not isinstance(ranges, list):
+        raise InvalidRecord("ranges must be a list")
+    rows = []
+    for r in ranges:
+        ok = isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
+        if not ok or not all(isinstance(x, int) and x >= 0 for x in r[1:]) or r[2] < r[1]:
+            raise InvalidRecord("a range is [device, first, last]")
+        rows.append(
+            {
+                "src": src,
+                "seq": rec.seq,
+                "device": r[0],
+                "first": r[1],
+                "last": r[2],
+                "reason": reason,
+            }
+        )
+    row = {
+        "src": src, "seq": rec.seq, "origin": _str(b, "origin"), "reason": reason,
+        "records": _int(b, "records"), "kinds": json.dumps(b.get("kinds") or {}),
+        "ts": _num(b, "ts"), "stored": now,
+    }  # fmt: skip
+    return row, rows
+
+
+def _rollup(src: str, rec: Record, now: float) -> dict[str, Any]:
+    b = rec.body
+    return {
+        "src": src, "seq": rec.seq, "fog": _str(b, "fog"), "edge": _str(b, "edge"),
+        "t0": _num(b, "t0"), "t1": _num(b, "t1"), "readings": _int(b, "readings"),
+        "summaries": _int(b, "summaries"), "events": _int(b, "events"),
+        "dropped": _int(b, "dropped"), "devices": _int(b, "devices"), "stored": now,
+    }  # fmt: skip
+
+
+class Store:
+    """The cloud database: one file, WAL, migrated on open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn = connect(path)
+        migrate(self.conn, "cloud", _MIGRATIONS)
+        self.db = sqlite_utils.Database(self.conn)
+        self.inbox = Inbox(self.conn)
+        self.stats: Counter[str] = Counter()
+
+    def apply(self, batches: list[tuple[str, Batch]], now: float | None = None) -> Counter[str]:
+        """Store the new records of `(stream, batch)` pairs in one transaction; returns counts."""
+        now = time.time() if now is None else now
+        rows: dict[str, list[dict[str, Any]]] = {
+            k: [] for k in ("summaries", "events", "drops", "drop_ranges", "rollups", "rejected")
+        }
+        counts: Counter[str] = Counter()
+        with self.db.atomic():
+            for stream, batch in batches:
+                for rec in self.inbox.accept(stream, batch):
+                    try:
+                        if rec.kind == "summary":
+                            rows["summaries"].append(_summary(stream, rec, now))
+                        elif rec.kind == "event":
+                            rows["events"].append(_event(stream, rec, now))
+                        elif rec.kind == "drop":
+                            drop, ranges = _drop(stream, rec, now)
+                            rows["drops"].append(drop)
+                            rows["drop_ranges"] += ranges
+                        elif rec.kind == "rollup":
+                            rows["rollups"].append(_rollup(stream, rec, now))
+                        else:
+                            raise InvalidRecord(f"unknown record kind {rec.kind!r}")
+                        counts[rec.kind] += 1
+                    except InvalidRecord as exc:
+                        body = json.dumps(rec.body, default=repr)[:2000]
+                        rows["rejected"].append(
+                            {
+                                "src": stream,
+                                "seq": rec.seq,
+                                "kind": rec.kind,
+                                "reason": str(exc),
+                                "body": body,
+                                "stored": now,
+                            }
+                        )
+                        counts["rejected"] += 1
+            for table, items in rows.items():
+                if items:
+                    self.db[table].insert_all(items, batch_size=1000)  # type: ignore[union-attr]
+        counts["readings"] = sum(r["count"] for r in rows["summaries"])
+        self.stats.update(counts)
+        return counts
+
+    def close(self) -> None:
+        """Close the database."""
+        self.conn.close()

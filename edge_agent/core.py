@@ -1,0 +1,240 @@
+"""The edge's pure core: per-device sequencing, windows, a z-score detector and summaries.
+
+No broker, no clock, no disk: `EdgeCore` takes decoded telemetry and the current time and returns
+custody records `(kind, body)`. Summaries cover contiguous reading ranges exactly; every reading
+that cannot be summarised (a gap, a duplicate-free overlap trimmed, a non-finite value) is reported
+in a `drop` record with its range and reason, so coverage can be proved downstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fogline.codec import Telemetry
+
+Record = tuple[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Windowing and detection settings."""
+
+    window: int = 20
+    z_threshold: float = 4.0
+    warmup_windows: int = 5
+    baseline_alpha: float = 0.05
+    summary_interval: float = 5.0
+
+
+@dataclass(slots=True)
+class _Summary:
+    first: int
+    fields: tuple[str, ...]
+    t0: float
+    count: int = 0
+    t1: float = 0.0
+    total: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    total_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    low: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    high: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    events: int = 0
+
+    def add(self, values: np.ndarray, t1: float) -> None:
+        v = values.astype(np.float64)
+        if self.count == 0:
+            self.total, self.total_sq = v.sum(0), (v * v).sum(0)
+            self.low, self.high = v.min(0), v.max(0)
+        else:
+            self.total += v.sum(0)
+            self.total_sq += (v * v).sum(0)
+            self.low = np.minimum(self.low, v.min(0))
+            self.high = np.maximum(self.high, v.max(0))
+        self.count += len(v)
+        self.t1 = t1
+
+
+@dataclass(slots=True)
+class DeviceState:
+    """What the edge knows of one device."""
+
+    expected: int
+    summary: _Summary | None = None
+    summary_due: float = 0.0
+    window: list[np.ndarray] = field(default_factory=list)
+    window_first: int = 0
+    window_len: int = 0
+    mean: np.ndarray | None = None
+    var: np.ndarray | None = None
+    windows_seen: int = 0
+
+
+class EdgeCore:
+    """Turns telemetry into events, summaries and drop notices for one edge."""
+
+    def __init__(self, edge: str, rules: Rules, expected: dict[str, int] | None = None) -> None:
+        self.edge = edge
+        self.rules = rules
+        self.devices: dict[str, DeviceState] = {
+            d: DeviceState(expected=e) for d, e in (expected or {}).items()
+        }
+        self.stats = {"readings": 0, "duplicates": 0, "gaps": 0, "events": 0, "non_finite": 0}
+
+    # ---------------------------------------------------------------- ingest
+
+    def ingest(self, tele: Telemetry, now: float) -> list[Record]:
+        """Take one telemetry batch; returns the records it produced (events, drops, summaries)."""
+        state = self.devices.get(tele.device)
+        if state is None:
+            state = self.devices[tele.device] = DeviceState(expected=tele.first)
+        out: list[Record] = []
+        values, first = tele.values, tele.first
+        if tele.last < state.expected:
+            self.stats["duplicates"] += tele.count
+            return out
+        if first < state.expected:  # overlap with what we have: keep the new part only
+            skip = state.expected - first
+            self.stats["duplicates"] += skip
+            values, first = values[skip:], state.expected
+        if first > state.expected:
+            out += self._break(tele.device, state, now)
+            out.append(self._drop(tele.device, state.expected, first - 1, "gap", now))
+            self.stats["gaps"] += first - state.expected
+        last = first + len(values) - 1
+        state.expected = last + 1
+        if not np.isfinite(values).all():
+            out += self._break(tele.device, state, now)
+            out.append(self._drop(tele.device, first, last, "non_finite", now))
+            self.stats["non_finite"] += len(values)
+            return out
+        self.stats["readings"] += len(values)
+        t_last = tele.t0 + tele.dt * (tele.count - 1)
+        if state.summary is None:
+            state.summary = _Summary(first=first, fields=tele.fields, t0=tele.t0)
+            state.summary_due = now + self.rules.summary_interval
+        elif state.summary.fields != tele.fields:
+            out += self._break(tele.device, state, now)
+            state.summary = _Summary(first=first, fields=tele.fields, t0=tele.t0)
+            state.summary_due = now + self.rules.summary_interval
+        state.summary.add(values, t_last)
+        out += self._windows(tele.device, state, values, first, t_last)
+        return out
+
+    def _windows(
+        self, device: str, state: DeviceState, values: np.ndarray, first: int, ts: float
+    ) -> list[Record]:
+        out: list[Record] = []
+        size = self.rules.window
+        pos = 0
+        while pos < len(values):
+            if state.window_len == 0:
+                state.window_first = first + pos
+            take = min(size - state.window_len, len(values) - pos)
+            state.window.append(values[pos : pos + take])
+            state.window_len += take
+            pos += take
+            if state.window_len == size:
+                win = np.concatenate(state.window)
+                event = self._decide(device, state, win, ts)
+                if event is not None:
+                    out.append(event)
+                state.window, state.window_len = [], 0
+        return out
+
+    def _decide(self, device: str, state: DeviceState, win: np.ndarray, ts: float) -> Record | None:
+        """z-score of the window mean against the device's running baseline (EWMA)."""
+        m = win.astype(np.float64).mean(0)
+        state.windows_seen += 1
+        if state.mean is None or state.var is None:
+            state.mean, state.var = m, np.zeros_like(m)
+            return None
+        std = np.sqrt(state.var) + 1e-9 + 1e-3 * np.abs(state.mean)
+        z = (m - state.mean) / std
+        j = int(np.argmax(np.abs(z)))
+        abnormal = (
+            state.windows_seen > self.rules.warmup_windows and abs(z[j]) > self.rules.z_threshold
+        )
+        if not abnormal:  # anomalies must not drag the baseline towards themselves
+            a = self.rules.baseline_alpha if state.windows_seen > 2 else 0.5
+            delta = m - state.mean
+            state.mean = state.mean + a * delta
+            state.var = (1 - a) * (state.var + a * delta * delta)
+            return None
+        self.stats["events"] += 1
+        if state.summary is not None:
+            state.summary.events += 1
+        assert state.summary is not None
+        first = state.window_first
+        return (
+            "event",
+            {
+                "edge": self.edge,
+                "device": device,
+                "first": first,
+                "last": first + len(win) - 1,
+                "count": len(win),
+                "ts": ts,
+                "kind": "zscore",
+                "field": state.summary.fields[j],
+                "value": float(m[j]),
+                "baseline": float(state.mean[j]),
+                "z": float(z[j]),
+            },
+        )
+
+    # ---------------------------------------------------------------- summaries
+
+    def due_summaries(self, now: float, *, force: bool = False) -> list[Record]:
+        """Close and return the summaries whose interval has elapsed (all of them with `force`)."""
+        out: list[Record] = []
+        for device, state in self.devices.items():
+            if state.summary is not None and (force or now >= state.summary_due):
+                out += self._break(device, state, now)
+        return out
+
+    def _break(self, device: str, state: DeviceState, now: float) -> list[Record]:
+        """Close the device's open summary (at a discontinuity or when due)."""
+        s = state.summary
+        if s is None or s.count == 0:
+            state.summary = None
+            return []
+        state.summary = None
+        mean = s.total / s.count
+        var = np.maximum(s.total_sq / s.count - mean * mean, 0.0)
+        body = {
+            "edge": self.edge,
+            "device": device,
+            "first": s.first,
+            "last": s.first + s.count - 1,
+            "count": s.count,
+            "t0": s.t0,
+            "t1": s.t1,
+            "fields": list(s.fields),
+            "min": s.low.tolist(),
+            "mean": mean.tolist(),
+            "max": s.high.tolist(),
+            "std": np.sqrt(var).tolist(),
+            "events": s.events,
+        }
+        return [("summary", body)]
+
+    def _drop(self, device: str, first: int, last: int, reason: str, now: float) -> Record:
+        body = {
+            "reason": reason,
+            "origin": self.edge,
+            "records": 0,
+            "kinds": {},
+            "ranges": [[device, first, last]],
+            "ts": now,
+        }
+        return ("drop", body)
+
+    def committed(self) -> dict[str, int]:
+        """Per device, the first reading not in a closed summary or drop (the restart point)."""
+        out = {}
+        for device, state in self.devices.items():
+            s = state.summary
+            out[device] = s.first if s is not None and s.count else state.expected
+        return out

@@ -1,0 +1,276 @@
+"""The one module that touches msgpack: envelopes and their typed bodies, strictly validated.
+
+Every message is a msgpack map `{v, kind, src, seq, ts, body}`. Decoding never raises anything
+but `DecodeError`, whose `reason` is a short key used for counters and the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from fogline.errors import DecodeError
+
+VERSION = 1
+KINDS = ("tele", "batch", "ack", "status", "metrics", "dlq")
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_SAMPLES = 100_000
+MAX_FIELDS = 64
+MAX_RECORDS = 10_000
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_ENVELOPE_KEYS = frozenset(("v", "kind", "src", "seq", "ts", "body"))
+_UNPACK_LIMITS: dict[str, int] = {
+    "max_bin_len": MAX_MESSAGE_BYTES,
+    "max_str_len": 64 * 1024,
+    "max_array_len": MAX_RECORDS * 4,
+    "max_map_len": 4096,
+    "max_ext_len": 0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """Samples of one device: `values[i, j]` is field `fields[j]` of reading `first + i`."""
+
+    device: str
+    first: int
+    t0: float
+    dt: float
+    fields: tuple[str, ...]
+    values: np.ndarray  # float32, shape (n, len(fields))
+
+    @property
+    def count(self) -> int:
+        """Number of readings in the batch."""
+        return int(self.values.shape[0])
+
+    @property
+    def last(self) -> int:
+        """Sequence number of the last reading."""
+        return self.first + self.count - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One custody record: a per-stream sequence number, a kind and a plain-data body."""
+
+    seq: int
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Custody records sent in one message; `low` is the lowest seq the sender may still send."""
+
+    low: int
+    records: tuple[Record, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Cumulative acknowledgement of a stream: every seq <= `hwm`, plus closed `ranges` above it."""
+
+    stream: str
+    hwm: int
+    ranges: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The common wrapper of every message."""
+
+    kind: str
+    src: str
+    seq: int
+    ts: float
+    body: Any
+    v: int = field(default=VERSION)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _pack(kind: str, src: str, seq: int, ts: float, body: Any) -> bytes:
+    return msgpack.packb(
+        {"v": VERSION, "kind": kind, "src": src, "seq": seq, "ts": ts, "body": body},
+        use_bin_type=True,
+    )
+
+
+def encode_telemetry(tele: Telemetry, *, seq: int, ts: float) -> bytes:
+    """Encode a telemetry batch; the envelope `src` is the device id."""
+    values = np.ascontiguousarray(tele.values, dtype="<f4")
+    body = {
+        "device": tele.device,
+        "first": tele.first,
+        "t0": tele.t0,
+        "dt": tele.dt,
+        "fields": list(tele.fields),
+        "n": int(values.shape[0]),
+        "data": values.tobytes(),
+    }
+    return _pack("tele", tele.device, seq, ts, body)
+
+
+def encode_batch(src: str, batch: Batch, *, seq: int, ts: float) -> bytes:
+    """Encode custody records for the upstream hop."""
+    recs = [[r.seq, r.kind, r.body] for r in batch.records]
+    return _pack("batch", src, seq, ts, {"low": batch.low, "recs": recs})
+
+
+def encode_ack(src: str, ack: Ack, *, seq: int, ts: float) -> bytes:
+    """Encode an acknowledgement sent by the receiver `src`."""
+    body = {"stream": ack.stream, "hwm": ack.hwm, "ranges": [list(r) for r in ack.ranges]}
+    return _pack("ack", src, seq, ts, body)
+
+
+def encode_plain(kind: str, src: str, body: dict[str, Any], *, seq: int, ts: float) -> bytes:
+    """Encode a `status`, `metrics` or `dlq` message whose body is plain data."""
+    if kind not in ("status", "metrics", "dlq"):
+        raise ValueError(f"encode_plain does not encode kind {kind!r}")
+    return _pack(kind, src, seq, ts, body)
+
+
+def encode_record_body(body: dict[str, Any]) -> bytes:
+    """Serialise one record body for storage in an outbox."""
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_record_body(data: bytes) -> dict[str, Any]:
+    """Inverse of `encode_record_body` (outbox rows are trusted: written by this process)."""
+    body = msgpack.unpackb(data, raw=False)
+    if not isinstance(body, dict):
+        raise DecodeError("wrong_type", "stored record body is not a map")
+    return body
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _expect(cond: bool, reason: str, detail: str) -> None:
+    if not cond:
+        raise DecodeError(reason, detail)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, int | float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, str) and 0 < len(x) <= 64 and set(x) <= _ID_CHARS
+
+
+def decode(payload: bytes, *, expect: str | None = None) -> Envelope:
+    """Decode and validate one message; the body is typed by kind. Raises only DecodeError."""
+    _expect(isinstance(payload, bytes | bytearray), "wrong_type", "payload is not bytes")
+    _expect(len(payload) <= MAX_MESSAGE_BYTES, "too_large", f"{len(payload)} bytes")
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except msgpack.ExtraData as exc:
+        raise DecodeError("malformed", "trailing bytes after the message") from exc
+    except (ValueError, msgpack.UnpackException) as exc:
+        # OutOfData, FormatError, StackError and limit violations all derive from these.
+        reason = (
+            "truncated" if "incomplete" in str(exc) or "OutOfData" in repr(exc) else "malformed"
+        )
+        raise DecodeError(reason, f"msgpack: {exc}") from exc
+    except Exception as exc:
+        raise DecodeError("malformed", f"msgpack: {type(exc).__name__}: {exc}") from exc
+    _expect(isinstance(obj, dict), "wrong_type", "envelope is not a map")
+    _expect(set(obj) == _ENVELOPE_KEYS, "wrong_type", f"envelope keys {sorted(obj)}")
+    _expect(obj["v"] == VERSION and _is_int(obj["v"]), "bad_version", f"version {obj['v']!r}")
+    kind = obj["kind"]
+    _expect(kind in KINDS, "unknown_kind", f"kind {kind!r}")
+    if expect is not None:
+        _expect(kind == expect, "unexpected_kind", f"expected {expect!r}, got {kind!r}")
+    _expect(_is_id(obj["src"]), "wrong_type", f"src {obj['src']!r}")
+    _expect(_is_int(obj["seq"]) and obj["seq"] >= 0, "wrong_type", "seq is not a natural number")
+    _expect(_is_num(obj["ts"]), "wrong_type", "ts is not a finite number")
+    body = _BODY_DECODERS[kind](obj["body"], obj["src"])
+    return Envelope(kind=kind, src=obj["src"], seq=obj["seq"], ts=float(obj["ts"]), body=body)
+
+
+def _telemetry(body: Any, src: str) -> Telemetry:
+    _expect(isinstance(body, dict), "wrong_type", "telemetry body is not a map")
+    keys = {"device", "first", "t0", "dt", "fields", "n", "data"}
+    _expect(set(body) == keys, "wrong_type", f"telemetry keys {sorted(body)}")
+    _expect(_is_id(body["device"]), "wrong_type", "device is not an id")
+    _expect(body["device"] == src, "device_mismatch", "body device differs from envelope src")
+    _expect(_is_int(body["first"]) and body["first"] >= 0, "wrong_type", "first")
+    _expect(_is_num(body["t0"]) and _is_num(body["dt"]), "wrong_type", "t0/dt")
+    fields = body["fields"]
+    _expect(isinstance(fields, list) and 0 < len(fields) <= MAX_FIELDS, "wrong_type", "fields")
+    _expect(all(isinstance(f, str) and 0 < len(f) <= 64 for f in fields), "wrong_type", "fields")
+    _expect(len(set(fields)) == len(fields), "wrong_type", "duplicate field names")
+    n = body["n"]
+    _expect(_is_int(n) and 0 < n <= MAX_SAMPLES, "too_large" if _is_int(n) else "wrong_type", "n")
+    data = body["data"]
+    _expect(isinstance(data, bytes), "wrong_type", "data is not bytes")
+    _expect(len(data) == n * len(fields) * 4, "bad_length", f"{len(data)} data bytes for n={n}")
+    values = np.frombuffer(data, dtype="<f4").reshape(n, len(fields))
+    return Telemetry(
+        device=body["device"],
+        first=body["first"],
+        t0=float(body["t0"]),
+        dt=float(body["dt"]),
+        fields=tuple(fields),
+        values=values,
+    )
+
+
+def _batch(body: Any, src: str) -> Batch:
+    _expect(isinstance(body, dict) and set(body) == {"low", "recs"}, "wrong_type", "batch body")
+    _expect(_is_int(body["low"]) and body["low"] >= 0, "wrong_type", "low")
+    recs = body["recs"]
+    _expect(isinstance(recs, list) and len(recs) <= MAX_RECORDS, "wrong_type", "recs")
+    out = []
+    for r in recs:
+        _expect(
+            isinstance(r, list) and len(r) == 3, "wrong_type", "record is not [seq, kind, body]"
+        )
+        seq, kind, rbody = r
+        _expect(_is_int(seq) and seq >= 0, "wrong_type", "record seq")
+        _expect(isinstance(kind, str) and 0 < len(kind) <= 32, "wrong_type", "record kind")
+        _expect(isinstance(rbody, dict), "wrong_type", "record body is not a map")
+        out.append(Record(seq=seq, kind=kind, body=rbody))
+    return Batch(low=body["low"], records=tuple(out))
+
+
+def _ack(body: Any, src: str) -> Ack:
+    _expect(
+        isinstance(body, dict) and set(body) == {"stream", "hwm", "ranges"}, "wrong_type", "ack"
+    )
+    _expect(_is_id(body["stream"]), "wrong_type", "ack stream")
+    _expect(_is_int(body["hwm"]) and body["hwm"] >= -1, "wrong_type", "ack hwm")
+    ranges = body["ranges"]
+    _expect(isinstance(ranges, list) and len(ranges) <= MAX_RECORDS, "wrong_type", "ack ranges")
+    out: list[tuple[int, int]] = []
+    for r in ranges:
+        ok = isinstance(r, list) and len(r) == 2 and all(_is_int(x) for x in r) and r[0] <= r[1]
+        _expect(ok, "wrong_type", "ack range")
+        out.append((r[0], r[1]))
+    return Ack(stream=body["stream"], hwm=body["hwm"], ranges=tuple(out))
+
+
+def _plain(body: Any, src: str) -> dict[str, Any]:
+    _expect(isinstance(body, dict), "wrong_type", "body is not a map")
+    return body
+
+
+_BODY_DECODERS = {
+    "tele": _telemetry,
+    "batch": _batch,
+    "ack": _ack,
+    "status": _plain,
+    "metrics": _plain,
+    "dlq": _plain,
+}

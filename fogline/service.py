@@ -1,0 +1,367 @@
+"""The service runtime every fogline process runs on.
+
+It owns the MQTT client, reconnects with jittered capped backoff, publishes a retained
+`online` / `offline` (last will) / `stopped` status and periodic metrics, and shuts down in
+bounded time on SIGTERM/SIGINT. Subclasses hold the logic: they handle messages and ticks on one
+worker thread (the network thread never runs application code) and decide when they are drained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import paho.mqtt.client as mqtt
+
+from fogline import __version__
+from fogline.codec import encode_plain
+from fogline.config import ServiceConfig
+from fogline.topics import Topics
+
+log = logging.getLogger(__name__)
+
+DLQ_COPY_BYTES = 512
+QUEUE_BATCH = 2000
+
+
+def backoff_delay(attempt: int, *, base: float = 0.25, cap: float = 10.0) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return random.uniform(0.0, min(cap, base * (2 ** min(attempt, 20))))
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A received message waiting for the worker thread."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class RateLimitedLog:
+    """Logs a given key at most once per `interval` seconds, counting what it suppressed."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        """Log a warning unless the same key was logged within the interval."""
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.interval:
+            self._suppressed[key] += 1
+            return
+        more = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        log.warning(
+            msg + (" (%d similar suppressed)" if more else ""), *args, *((more,) if more else ())
+        )
+
+
+class Service:
+    """Base class of the four processes: MQTT plumbing, status, metrics, bounded shutdown."""
+
+    role: ClassVar[str] = "service"
+    #: Whether the broker keeps this client's subscriptions and queued messages across restarts.
+    persistent_session: ClassVar[bool] = False
+    tick_interval: ClassVar[float] = 0.1
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.topic_root)
+        self.counters: Counter[str] = Counter()
+        self.stopping = False
+        self.connected = threading.Event()
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._abort = threading.Event()
+        self._net_stop = threading.Event()
+        self._queue: queue.SimpleQueue[Inbound | Callable[[], None]] = queue.SimpleQueue()
+        self._seq = 0
+        self._ratelog = RateLimitedLog()
+        self.client = self._make_client()
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def subscriptions(self) -> list[str]:
+        """Topics to subscribe to (QoS 1) after every connect."""
+        return []
+
+    def on_start(self) -> None:
+        """Open state (databases) before connecting."""
+
+    def on_connected(self) -> None:
+        """Called on the worker thread after each successful (re)connect."""
+
+    def accepts(self, topic: str) -> bool:
+        """Whether to take this message now; refused messages stay unacknowledged (redelivered)."""
+        return True
+
+    def handle(self, messages: list[Inbound]) -> None:
+        """Handle a batch of messages on the worker thread; they are acknowledged afterwards."""
+
+    def on_tick(self, now: float) -> None:
+        """Periodic work on the worker thread (every `tick_interval` seconds)."""
+
+    def on_stopping(self) -> None:
+        """Input has stopped: flush what is held in memory to durable state."""
+
+    def drained(self) -> bool:
+        """Whether everything this process holds has been delivered (ends the shutdown early)."""
+        return True
+
+    def on_stopped(self) -> None:
+        """Close state; the process is about to exit."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Gauges added to the periodic metrics message."""
+        return {}
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id of this process."""
+        return f"fogline-{self.role}-{self.config.id}"
+
+    def next_seq(self) -> int:
+        """A per-process message counter for envelopes."""
+        self._seq += 1
+        return self._seq
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish a message (queued by the client while disconnected)."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self.counters["publish_errors"] += 1
+            self._ratelog.warning(
+                "publish", "publish to %s failed: %s", topic, mqtt.error_string(info.rc)
+            )
+
+    def reject(self, reason: str, topic: str, payload: bytes, detail: str) -> None:
+        """Count a rejected input by reason, copy it (truncated) to the DLQ, log it."""
+        self.counters[f"rejected.{reason}"] += 1
+        body = {
+            "reason": reason,
+            "detail": detail[:500],
+            "topic": topic,
+            "size": len(payload),
+            "payload": bytes(payload[:DLQ_COPY_BYTES]),
+        }
+        dlq = self.topics.dlq(self.role, self.config.id)
+        self.publish(
+            dlq,
+            encode_plain("dlq", self.config.id, body, seq=self.next_seq(), ts=time.time()),
+            qos=0,
+        )
+        self._ratelog.warning(
+            f"reject.{reason}", "rejected message on %s: %s: %s", topic, reason, detail
+        )
+
+    def request_stop(self) -> None:
+        """Ask the process to stop (what SIGTERM does); a second request aborts the drain."""
+        if self._stop.is_set():
+            self._abort.set()
+        self._stop.set()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the worker thread."""
+        self._queue.put(fn)
+
+    # ------------------------------------------------------------------ the runtime
+
+    def _status_payload(self, state: str) -> bytes:
+        body = {"state": state, "pid": os.getpid(), "version": __version__, "started": self.started}
+        return encode_plain("status", self.config.id, body, seq=0, ts=time.time())
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=not self.persistent_session,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        client.max_inflight_messages_set(1000)
+        client.max_queued_messages_set(0)
+        status = self.topics.status(self.role, self.config.id)
+        client.will_set(status, self._status_payload("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, rc: Any, _props: Any) -> None:
+        if rc.is_failure:
+            log.warning("broker refused the connection: %s", rc)
+            return
+        log.info("connected to %s:%d", self.config.broker_host, self.config.broker_port)
+        for topic in self.subscriptions():
+            client.subscribe(topic, qos=1)
+        status = self.topics.status(self.role, self.config.id)
+        client.publish(status, self._status_payload("online"), qos=1, retain=True)
+        self.connected.set()
+        self.call_soon(self.on_connected)
+
+    def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, rc: Any, _props: Any) -> None:
+        self.connected.clear()
+        if not self._net_stop.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", rc)
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put(Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+
+    def _network_loop(self) -> None:
+        """Drive the MQTT client; (re)connect with jittered capped backoff."""
+        attempt = 0
+        ever_connected = False
+        need_connect = True
+        while not self._net_stop.is_set():
+            if need_connect:
+                try:
+                    if ever_connected:
+                        self.client.reconnect()
+                    else:
+                        cfg = self.config
+                        self.client.connect(cfg.broker_host, cfg.broker_port, keepalive=15)
+                        ever_connected = True
+                    need_connect = False
+                except OSError as exc:
+                    delay = backoff_delay(attempt)
+                    attempt += 1
+                    self._ratelog.warning(
+                        "connect",
+                        "cannot reach the broker at %s:%d (%s); retrying in %.1fs",
+                        self.config.broker_host,
+                        self.config.broker_port,
+                        exc,
+                        delay,
+                    )
+                    self._net_stop.wait(delay)
+                    continue
+            rc = self.client.loop(timeout=0.05)
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                if self.connected.is_set():
+                    attempt = 0
+                continue
+            if self._net_stop.is_set():
+                break
+            need_connect = True
+            self._net_stop.wait(backoff_delay(attempt))
+            attempt += 1
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.request_stop())
+
+    def _step(self, timeout: float) -> None:
+        """Take queued messages and callbacks, hand them to the subclass, then ack them."""
+        batch: list[Inbound] = []
+        try:
+            item = self._queue.get(timeout=timeout)
+            while True:
+                if isinstance(item, Inbound):
+                    batch.append(item)
+                else:
+                    item()
+                if len(batch) >= QUEUE_BATCH:
+                    break
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        if not batch:
+            return
+        taken = [m for m in batch if self.accepts(m.topic)]
+        self.counters["messages_in"] += len(taken)
+        self.counters["bytes_in"] += sum(len(m.payload) for m in taken)
+        if taken:
+            self.handle(taken)
+        for m in taken:
+            if m.qos > 0:
+                self.client.ack(m.mid, m.qos)
+
+    def _publish_metrics(self) -> None:
+        body = {
+            "role": self.role,
+            "id": self.config.id,
+            "uptime": time.time() - self.started,
+            "counters": dict(self.counters),
+            "gauges": self.metrics(),
+        }
+        topic = self.topics.metrics(self.role, self.config.id)
+        self.publish(
+            topic,
+            encode_plain("metrics", self.config.id, body, seq=self.next_seq(), ts=time.time()),
+            qos=0,
+        )
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit status."""
+        self._install_signals()
+        self.on_start()
+        net = threading.Thread(target=self._network_loop, name=f"{self.role}-mqtt", daemon=True)
+        net.start()
+        log.info(
+            "%s %s started (broker %s:%d)",
+            self.role,
+            self.config.id,
+            self.config.broker_host,
+            self.config.broker_port,
+        )
+        next_tick = next_metrics = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                self._step(max(0.0, min(next_tick, next_metrics) - time.monotonic()))
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.on_tick(time.time())
+                    next_tick = now + self.tick_interval
+                if now >= next_metrics:
+                    self._publish_metrics()
+                    next_metrics = now + self.config.metrics_interval
+            log.info("%s %s stopping", self.role, self.config.id)
+            self.stopping = True
+            self.on_stopping()
+            deadline = time.monotonic() + self.config.shutdown_timeout
+            while not self._abort.is_set() and time.monotonic() < deadline and not self.drained():
+                self._step(0.05)
+                self.on_tick(time.time())
+            if not self.drained():
+                log.warning(
+                    "%s %s stops with undelivered state (kept on disk)", self.role, self.config.id
+                )
+            self._publish_metrics()
+        finally:
+            self.on_stopped()
+            status = self.topics.status(self.role, self.config.id)
+            info = self.client.publish(status, self._status_payload("stopped"), qos=1, retain=True)
+            if self.client.is_connected():
+                with contextlib.suppress(RuntimeError):
+                    info.wait_for_publish(timeout=2.0)
+            self._net_stop.set()
+            self.client.disconnect()
+            net.join(timeout=2.0)
+        log.info("%s %s stopped", self.role, self.config.id)
+        return 0
+
+
+def setup_logging(level: str) -> None:
+    """Configure process logging once (timestamps, logger names)."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

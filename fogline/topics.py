@@ -1,0 +1,98 @@
+"""The one module that builds and parses MQTT topic names."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fogline.errors import ConfigError, DecodeError
+
+DEFAULT_ROOT = "fl/v1"
+ROLES = ("device-sim", "edge", "fog", "cloud", "supervisor")
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a valid topic segment (letters, digits, `_.-`), else raise."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ConfigError(what, f"{value!r} is not a valid id (1-64 of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names under one root prefix (default `fl/v1`)."""
+
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self) -> None:
+        if not self.root or any(c in self.root for c in "+#") or self.root.endswith("/"):
+            raise ConfigError("topic_root", f"{self.root!r} is not a valid topic prefix")
+
+    # device -> edge telemetry
+    def tele(self, edge: str, device: str) -> str:
+        """Telemetry batches of one device, read by its edge."""
+        return f"{self.root}/dev/{edge}/{device}/tele"
+
+    def tele_sub(self, edge: str) -> str:
+        """Subscription for all telemetry of one edge's devices."""
+        return f"{self.root}/dev/{edge}/+/tele"
+
+    def parse_tele(self, topic: str) -> tuple[str, str]:
+        """Return `(edge, device)` of a telemetry topic, or raise DecodeError."""
+        prefix = self.root + "/dev/"
+        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+        if len(parts) != 3 or parts[2] != "tele" or not all(_ID.match(p) for p in parts[:2]):
+            raise DecodeError("bad_topic", f"not a telemetry topic: {topic!r}")
+        return parts[0], parts[1]
+
+    # custody hops: records go up, acks come back
+    def up(self, role: str, ident: str) -> str:
+        """Custody records sent upstream by `role` (`edge` or `fog`) `ident`."""
+        return f"{self.root}/{role}/{ident}/up"
+
+    def up_sub(self, role: str) -> str:
+        """Subscription for custody records from every sender of `role`."""
+        return f"{self.root}/{role}/+/up"
+
+    def ack(self, role: str, ident: str) -> str:
+        """Acks for the custody records of `role` `ident`."""
+        return f"{self.root}/{role}/{ident}/ack"
+
+    def parse_sender(self, topic: str, role: str) -> str:
+        """Return the sender id of an `up` topic of `role`, or raise DecodeError."""
+        prefix = f"{self.root}/{role}/"
+        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+        if len(parts) != 2 or parts[1] != "up" or not _ID.match(parts[0]):
+            raise DecodeError("bad_topic", f"not an up topic of {role}: {topic!r}")
+        return parts[0]
+
+    # escalations (used by the edge-intelligence layer)
+    def esc(self, edge: str) -> str:
+        """Escalation requests of an edge."""
+        return f"{self.root}/edge/{edge}/esc"
+
+    def esc_reply(self, edge: str) -> str:
+        """Escalation replies to an edge."""
+        return f"{self.root}/edge/{edge}/esc/reply"
+
+    # service plumbing
+    def status(self, role: str, ident: str) -> str:
+        """Retained `online` / `offline` / `stopped` status of a process."""
+        return f"{self.root}/status/{role}/{ident}"
+
+    def metrics(self, role: str, ident: str) -> str:
+        """Periodic metrics of a process."""
+        return f"{self.root}/metrics/{role}/{ident}"
+
+    def dlq(self, role: str, ident: str) -> str:
+        """Rejected input of a process, with the reason (truncated copy)."""
+        return f"{self.root}/dlq/{role}/{ident}"
+
+    def all_status(self) -> str:
+        """Subscription for every status topic."""
+        return f"{self.root}/status/#"
+
+    def all_metrics(self) -> str:
+        """Subscription for every metrics topic."""
+        return f"{self.root}/metrics/#"

@@ -1,0 +1,291 @@
+"""`fogline up`: the whole pipeline on one machine, supervised, with live progress and a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from fogline.broker import Broker
+from fogline.fleet import edge_ids
+from fogline.monitor import Monitor
+from fogline.report import build_report, format_report
+from fogline.supervisor import Supervisor
+from fogline.topics import Topics
+
+log = logging.getLogger(__name__)
+
+SIM, FOG, CLOUD = "s0", "f0", "c0"
+CHILD_METRICS_INTERVAL = 0.5
+EDGE_CATCH_UP = 20.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `fogline up`."""
+    p.add_argument("--devices", type=int, default=20, help="simulated devices (default: 20)")
+    p.add_argument("--edges", type=int, default=1, help="edge agents (default: 1)")
+    p.add_argument(
+        "--duration", type=float, default=60.0,
+        help="seconds of telemetry; 0 runs until Ctrl-C (default: 60)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(".fogline/data"),
+        help="folder for all state: broker, databases, logs, pid files (default: .fogline/data)",
+    )  # fmt: skip
+    p.add_argument("--rate", type=float, default=10.0, help="readings/s per device (default: 10)")
+    p.add_argument(
+        "--samples-per-message", type=int, default=10,
+        help="readings per telemetry message (default: 10)",
+    )  # fmt: skip
+    p.add_argument(
+        "--anomaly-rate", type=float, default=0.002,
+        help="chance per message of a fault burst (default: 0.002)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=1, help="simulator seed (default: 1)")
+    p.add_argument(
+        "--clean", action="store_true", help="delete the data dir first (a fresh deployment)"
+    )
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=15.0,
+        help="seconds each layer may take to deliver what it holds when stopping (default: 15)",
+    )  # fmt: skip
+
+
+class Pipeline:
+    """Broker + cloud sink + fog + edges + simulator under one supervisor."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.data_dir: Path = args.data_dir.resolve()
+        self.topics = Topics()
+        self.edges = edge_ids(args.edges)
+        self.broker = Broker(data_dir=self.data_dir / "broker")
+        self.sup = Supervisor(run_dir=self.data_dir / "run", log_dir=self.data_dir / "logs")
+        self.stop_requested = threading.Event()
+        self.fast_stop = threading.Event()
+        self.monitor: Monitor | None = None
+
+    def _argv(self, module: str, ident: str, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", module, "--id", ident,
+            "--broker-port", str(self.broker.port), "--data-dir", str(self.data_dir),
+            "--metrics-interval", str(CHILD_METRICS_INTERVAL),
+            "--shutdown-timeout", str(self.args.shutdown_timeout), *extra,
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        """Start the broker, then the layers from the cloud down."""
+        self.broker.start()
+        (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "run" / "broker.pid").write_text(f"{self.broker.pid}\n")
+        (self.data_dir / "run" / "broker.port").write_text(f"{self.broker.port}\n")
+        self.monitor = Monitor(
+            host=self.broker.host, port=self.broker.port, topics=self.topics
+        ).start()
+        a = self.args
+        self.sup.add(f"cloud-{CLOUD}", self._argv("cloud_sink", CLOUD))
+        self.sup.add(f"fog-{FOG}", self._argv("fog_aggregator", FOG, "--cloud-id", CLOUD))
+        for e in self.edges:
+            self.sup.add(f"edge-{e}", self._argv("edge_agent", e, "--fog-id", FOG))
+        self._wait_online([("cloud", CLOUD), ("fog", FOG), *[("edge", e) for e in self.edges]])
+        self.sup.add(
+            f"device-sim-{SIM}",
+            self._argv(
+                "device_sim", SIM, "--devices", str(a.devices), "--edges", str(a.edges),
+                "--rate", str(a.rate), "--samples-per-message", str(a.samples_per_message),
+                "--anomaly-rate", str(a.anomaly_rate), "--seed", str(a.seed),
+            ),
+        )  # fmt: skip
+        print(
+            f"fogline up: broker {self.broker.url}, {a.devices} devices, {len(self.edges)} edges; "
+            f"data in {self.data_dir}",
+            flush=True,
+        )
+
+    def _wait_online(self, who: list[tuple[str, str]], timeout: float = 20.0) -> None:
+        """Wait until every listed process reports `online` (receivers subscribe before data)."""
+        assert self.monitor is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop_requested.is_set():
+            seen = self.monitor.snapshot()
+            if all(seen.get(k) is not None and seen[k].state == "online" for k in who):
+                return
+            for note in self.sup.poll():
+                print(f"\nfogline up: {note}", flush=True)
+            time.sleep(0.05)
+        missing = [f"{r}-{i}" for r, i in who if self.monitor.snapshot().get((r, i)) is None]
+        if missing:
+            log.warning(
+                "not online after %.0fs: %s (see %s)",
+                timeout,
+                ", ".join(missing),
+                self.data_dir / "logs",
+            )
+
+    def run(self) -> dict[str, Any]:
+        """Run for the duration (or until Ctrl-C), stop in order and return the report."""
+        self.start()
+        t0 = time.monotonic()
+        progress = Progress(self.monitor, self.sup)  # type: ignore[arg-type]
+        try:
+            while not self.stop_requested.is_set():
+                if self.args.duration and time.monotonic() - t0 >= self.args.duration:
+                    break
+                for note in self.sup.poll():
+                    progress.note(note)
+                progress.tick(time.monotonic() - t0)
+                self.stop_requested.wait(0.2)
+        finally:
+            progress.end()
+            self.shutdown()
+        return build_report(self.data_dir)
+
+    def _ledger_by_edge(self) -> dict[str, int]:
+        path = self.data_dir / f"device-sim-{SIM}" / "ledger.db"
+        if not path.exists():
+            return {}
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return dict(conn.execute("SELECT edge, sum(produced) FROM ledger GROUP BY edge"))
+        finally:
+            conn.close()
+
+    def _wait_edges_caught_up(self) -> None:
+        """After the simulator stops, wait until every edge has taken every reading produced."""
+        assert self.monitor is not None
+        target = self._ledger_by_edge()
+        deadline = time.monotonic() + EDGE_CATCH_UP
+        while time.monotonic() < deadline and not self.fast_stop.is_set():
+            behind = {
+                e: n for e, n in target.items()
+                if (self.monitor.gauge("edge", e, "position") or 0) < n
+            }  # fmt: skip
+            if not behind:
+                return
+            for note in self.sup.poll():
+                print(f"fogline up: {note}", flush=True)
+            time.sleep(0.1)
+        log.warning("edges still behind the ledger after %.0fs: %s", EDGE_CATCH_UP, behind)
+
+    def shutdown(self) -> None:
+        """Stop in order: devices, then each layer once it has delivered what it holds."""
+        t = self.args.shutdown_timeout + 5.0
+        sim = [n for n in self.sup.children if n.startswith("device-sim-")]
+        edges = [n for n in self.sup.children if n.startswith("edge-")]
+        try:
+            if self.fast_stop.is_set():
+                self.sup.stop_all(timeout=5.0)
+            else:
+                print("fogline up: stopping devices", flush=True)
+                self.sup.stop(sim, timeout=t)
+                self._wait_edges_caught_up()
+                print("fogline up: draining edges -> fog -> cloud", flush=True)
+                self.sup.stop(edges, timeout=t)
+                self.sup.stop([f"fog-{FOG}"], timeout=t)
+                self.sup.stop([f"cloud-{CLOUD}"], timeout=t)
+        finally:
+            if self.monitor is not None:
+                self.monitor.stop()
+            self.broker.stop()
+            for name in ("broker.pid", "broker.port"):
+                (self.data_dir / "run" / name).unlink(missing_ok=True)
+
+
+class Progress:
+    """One live line: readings/s per layer, outbox backlog, restarts."""
+
+    def __init__(self, monitor: Monitor, sup: Supervisor) -> None:
+        self.monitor = monitor
+        self.sup = sup
+        self.tty = sys.stdout.isatty()
+        self.last: tuple[float, list[float]] | None = None
+        self.next_print = 0.0
+        self.width = 0
+
+    def _totals(self) -> list[float]:
+        m = self.monitor
+        return [
+            m.total("device-sim", "readings"),
+            m.total("edge", "readings_in"),
+            m.total("fog", "readings"),
+            m.total("cloud", "stored.readings"),
+        ]
+
+    def tick(self, elapsed: float) -> None:
+        """Refresh the line (every second on a terminal, every 5 s otherwise)."""
+        if elapsed < self.next_print:
+            return
+        self.next_print = elapsed + (1.0 if self.tty else 5.0)
+        now, totals = time.monotonic(), self._totals()
+        if self.last is None:
+            self.last = (now, totals)
+            return
+        dt = max(1e-6, now - self.last[0])
+        rates = [(b - a) / dt for a, b in zip(self.last[1], totals, strict=True)]
+        self.last = (now, totals)
+        backlog = int(
+            self.monitor.total("edge", "outbox_records", gauge=True)
+            + self.monitor.total("fog", "outbox_records", gauge=True)
+        )
+        restarts = sum(self.sup.restarts().values())
+        line = (
+            f"[{elapsed:5.0f}s] readings/s  device {rates[0]:7.0f}  edge {rates[1]:7.0f}  "
+            f"fog {rates[2]:7.0f}  cloud {rates[3]:7.0f} | backlog {backlog} records"
+            f" | stored {int(totals[3])} | restarts {restarts}"
+        )
+        if self.tty:
+            print("\r" + line.ljust(self.width), end="", flush=True)
+            self.width = len(line)
+        else:
+            print(line, flush=True)
+
+    def note(self, text: str) -> None:
+        """Print a one-off message without garbling the live line."""
+        print(("\n" if self.tty and self.width else "") + f"fogline up: {text}", flush=True)
+        self.width = 0
+
+    def end(self) -> None:
+        """Finish the live line."""
+        if self.tty and self.width:
+            print(flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of `fogline up`; returns the exit status (1 when readings are unaccounted)."""
+    if args.devices < 1 or args.edges < 1 or args.duration < 0:
+        print("fogline up: --devices and --edges must be >= 1, --duration >= 0", file=sys.stderr)
+        return 2
+    if args.clean and args.data_dir.exists():
+        shutil.rmtree(args.data_dir)
+    pipeline = Pipeline(args)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if pipeline.stop_requested.is_set():
+            pipeline.fast_stop.set()
+            print("\nfogline up: stopping now", flush=True)
+        else:
+            pipeline.stop_requested.set()
+            print("\nfogline up: stopping in order (Ctrl-C again to stop at once)", flush=True)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    rep = pipeline.run()
+    restarts = pipeline.sup.restarts()
+    rep["restarts"] = restarts
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(format_report(rep))
+        if restarts:
+            print("restarts     " + ", ".join(f"{k} {v}" for k, v in restarts.items()))
+    (args.data_dir / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
+    return 0 if rep["unaccounted"] == 0 else 1
