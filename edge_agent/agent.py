@@ -147,7 +147,7 @@ class EdgeAgent(Service):
             # Readings taken or reported missing so far: the supervisor compares it to the ledger.
             "position": sum(d.expected for d in self.core.devices.values()),
             "outbox_records": self.outbox.records,
-            "outbox_bytes": self.outbox.bytes,
+            "outbox_bytes": self.outbox.held_bytes,
             "outbox_age": self.outbox.oldest_age(now),
             "acked": self.uplink.acked,
             **{f"core.{k}": v for k, v in self.core.stats.items()},

@@ -185,7 +185,7 @@ class FogAggregator(Service):
     def metrics(self) -> dict[str, Any]:
         return {
             "outbox_records": self.outbox.records,
-            "outbox_bytes": self.outbox.bytes,
+            "outbox_bytes": self.outbox.held_bytes,
             "outbox_age": self.outbox.oldest_age(time.time()),
             "acked": self.uplink.acked,
         }

@@ -186,7 +186,7 @@ def decode(payload: bytes, *, expect: str | None = None) -> Envelope:
     except Exception as exc:
         raise DecodeError("malformed", f"msgpack: {type(exc).__name__}: {exc}") from exc
     _expect(isinstance(obj, dict), "wrong_type", "envelope is not a map")
-    _expect(set(obj) == _ENVELOPE_KEYS, "wrong_type", f"envelope keys {sorted(obj)}")
+    _expect(set(obj) == _ENVELOPE_KEYS, "wrong_type", f"envelope keys {sorted(map(repr, obj))}")
     _expect(obj["v"] == VERSION and _is_int(obj["v"]), "bad_version", f"version {obj['v']!r}")
     kind = obj["kind"]
     _expect(kind in KINDS, "unknown_kind", f"kind {kind!r}")
@@ -202,7 +202,7 @@ def decode(payload: bytes, *, expect: str | None = None) -> Envelope:
 def _telemetry(body: Any, src: str) -> Telemetry:
     _expect(isinstance(body, dict), "wrong_type", "telemetry body is not a map")
     keys = {"device", "first", "t0", "dt", "fields", "n", "data"}
-    _expect(set(body) == keys, "wrong_type", f"telemetry keys {sorted(body)}")
+    _expect(set(body) == keys, "wrong_type", f"telemetry keys {sorted(map(repr, body))}")
     _expect(_is_id(body["device"]), "wrong_type", "device is not an id")
     _expect(body["device"] == src, "device_mismatch", "body device differs from envelope src")
     _expect(_is_int(body["first"]) and body["first"] >= 0, "wrong_type", "first")

@@ -128,16 +128,22 @@ def build(cls: type[C], values: dict[str, Any]) -> C:
 
 
 def load_toml(path: Path, section: str | None = None) -> dict[str, Any]:
-    """Read a TOML file; with `section`, return that table (keys with dashes become underscores)."""
+    """Read a TOML file: its top-level keys, overridden by the `[section]` table if present.
+
+    Keys with dashes become underscores.
+    """
     try:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
-    if section is not None and section in data and isinstance(data[section], dict):
-        data = data[section]
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    # Top-level keys apply to every process; the process's own table overrides them; other
+    # processes' tables are theirs, so one file can configure a whole deployment.
+    merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    if section is not None and isinstance(data.get(section), dict):
+        merged.update(data[section])
+    return {k.replace("-", "_"): v for k, v in merged.items()}
 
 
 def from_env(cls: type[C], env: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
@@ -219,14 +225,16 @@ def render(cfg: ServiceConfig) -> str:
     """The configuration as TOML text."""
     lines = []
     for f, _tp in _fields(type(cfg)):
-        value = getattr(cfg, f.name)
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        elif isinstance(value, list):
-            text = "[" + ", ".join(f'"{v}"' for v in value) + "]"
-        else:
-            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        text = _toml_value(getattr(cfg, f.name))
         lines.append(f"{f.name} = {text}  # {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

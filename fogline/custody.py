@@ -62,7 +62,9 @@ _OUTBOX_MIGRATIONS = [
     CREATE TABLE outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO outbox_meta(key, value) VALUES ('next_seq', 0);
     INSERT INTO outbox_meta(key, value) VALUES ('sent_bytes', 0);
-    INSERT INTO outbox_meta(key, value) VALUES ('sent_records', 0)
+    INSERT INTO outbox_meta(key, value) VALUES ('sent_records', 0);
+    INSERT INTO outbox_meta(key, value) VALUES ('records', 0);
+    INSERT INTO outbox_meta(key, value) VALUES ('bytes', 0)
     """,
 ]
 
@@ -132,11 +134,32 @@ class Outbox:
         self.stream = stream
         self.limits = limits or OutboxLimits()
         migrate(conn, "outbox", _OUTBOX_MIGRATIONS)
-        row = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM outbox").fetchone()
-        self.records, self.bytes = int(row[0]), int(row[1])
         self.dropped: Counter[str] = Counter()
         self.resent = 0
         self._message_seq = 0
+
+    def _meta(self, key: str) -> int:
+        (value,) = self.conn.execute(
+            "SELECT value FROM outbox_meta WHERE key = ?", (key,)
+        ).fetchone()
+        return int(value)
+
+    def _count(self, records: int, nbytes: int) -> None:
+        """Keep the held totals in the same transaction as the rows they count."""
+        self.conn.executemany(
+            "UPDATE outbox_meta SET value = value + ? WHERE key = ?",
+            [(records, "records"), (nbytes, "bytes")],
+        )
+
+    @property
+    def records(self) -> int:
+        """Records held (not yet acknowledged)."""
+        return self._meta("records")
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of record bodies held."""
+        return self._meta("bytes")
 
     def _next_seq(self, n: int) -> int:
         (first,) = self.conn.execute(
@@ -161,8 +184,7 @@ class Outbox:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(seq0 + i, *r) for i, r in enumerate(rows)],
             )
-        self.records += len(rows)
-        self.bytes += sum(r[3] for r in rows)
+            self._count(len(rows), sum(r[3] for r in rows))
         return len(rows)
 
     def low(self) -> int:
@@ -170,12 +192,13 @@ class Outbox:
         row = self.conn.execute("SELECT min(seq) FROM outbox").fetchone()
         if row[0] is not None:
             return int(row[0])
-        (nxt,) = self.conn.execute("SELECT value FROM outbox_meta WHERE key='next_seq'").fetchone()
-        return int(nxt)
+        return self._meta("next_seq")
 
     def take_due(self, now: float) -> tuple[Batch, bytes] | None:
-        """Mark the next records to send (new ones, then timed-out ones) and return them with
-        the encoded message to publish, or None when nothing is due or the window is full."""
+        """Mark the next due records (never sent, or unacked for `resend_after`) and return them
+        with the encoded message to publish; None when nothing is due or the window is full.
+
+        Order: priority first (drop notices and events before summaries), then seq."""
         lim = self.limits
         stale = now - lim.resend_after
         (inflight,) = self.conn.execute(
@@ -226,8 +249,7 @@ class Outbox:
                     "DELETE FROM outbox WHERE seq BETWEEN ? AND ? RETURNING size", (lo, hi)
                 )
                 sizes.extend(r[0] for r in cur.fetchall())
-        self.records -= len(sizes)
-        self.bytes -= sum(sizes)
+            self._count(-len(sizes), -sum(sizes))
         return len(sizes)
 
     def resend_all(self) -> None:
@@ -252,7 +274,7 @@ class Outbox:
             if old:
                 self._note_drop("expired", old, now)
                 evicted["expired"] += len(old)
-            excess = self.bytes - self.limits.max_bytes
+            excess = self.held_bytes - self.limits.max_bytes
             victims: list[tuple[Any, ...]] = []
             while excess > 0:
                 # Unsent rows go first: a row already sent may still be applied downstream.
@@ -272,8 +294,7 @@ class Outbox:
         return evicted
 
     def _note_drop(self, reason: str, rows: list[tuple[Any, ...]], now: float) -> None:
-        self.records -= len(rows)
-        self.bytes -= sum(r[1] for r in rows)
+        self._count(-len(rows), -sum(r[1] for r in rows))
         kinds = Counter(r[0] for r in rows)
         ranges = merge_ranges((r[2], r[3], r[4]) for r in rows if r[2] is not None)
         body = {
@@ -289,10 +310,7 @@ class Outbox:
 
     def sent_bytes(self) -> int:
         """Bytes of messages published so far, re-sends included (persisted)."""
-        (value,) = self.conn.execute(
-            "SELECT value FROM outbox_meta WHERE key = 'sent_bytes'"
-        ).fetchone()
-        return int(value)
+        return self._meta("sent_bytes")
 
     def oldest_age(self, now: float) -> float:
         """Age in seconds of the oldest held record (0 when empty)."""

@@ -54,9 +54,8 @@ def migrate(conn: sqlite3.Connection, component: str, steps: Sequence[str]) -> i
     version = row[0] if row else 0
     for number, script in enumerate(steps[version:], start=version + 1):
         with transaction(conn):
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(script):
+                conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations(component, version) VALUES (?, ?)"
                 " ON CONFLICT(component) DO UPDATE SET version = excluded.version",
@@ -64,3 +63,17 @@ def migrate(conn: sqlite3.Connection, component: str, steps: Sequence[str]) -> i
             )
         version = number
     return version
+
+
+def _statements(script: str) -> list[str]:
+    """Split an SQL script into complete statements (semicolons inside literals stay put)."""
+    out, buf = [], ""
+    for part in script.split(";"):
+        buf += part + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n\t;"):
+                out.append(buf)
+            buf = ""
+    if buf.strip(" \n\t;"):
+        out.append(buf)
+    return out

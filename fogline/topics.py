@@ -9,12 +9,12 @@ from fogline.errors import ConfigError, DecodeError
 
 DEFAULT_ROOT = "fl/v1"
 ROLES = ("device-sim", "edge", "fog", "cloud", "supervisor")
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def check_id(value: str, what: str = "id") -> str:
     """Return `value` if it is a valid topic segment (letters, digits, `_.-`), else raise."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ConfigError(what, f"{value!r} is not a valid id (1-64 of A-Z a-z 0-9 _ . -)")
     return value
 
@@ -42,7 +42,7 @@ class Topics:
         """Return `(edge, device)` of a telemetry topic, or raise DecodeError."""
         prefix = self.root + "/dev/"
         parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
-        if len(parts) != 3 or parts[2] != "tele" or not all(_ID.match(p) for p in parts[:2]):
+        if len(parts) != 3 or parts[2] != "tele" or not all(_ID.fullmatch(p) for p in parts[:2]):
             raise DecodeError("bad_topic", f"not a telemetry topic: {topic!r}")
         return parts[0], parts[1]
 
@@ -63,7 +63,7 @@ class Topics:
         """Return the sender id of an `up` topic of `role`, or raise DecodeError."""
         prefix = f"{self.root}/{role}/"
         parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
-        if len(parts) != 2 or parts[1] != "up" or not _ID.match(parts[0]):
+        if len(parts) != 2 or parts[1] != "up" or not _ID.fullmatch(parts[0]):
             raise DecodeError("bad_topic", f"not an up topic of {role}: {topic!r}")
         return parts[0]
 
