@@ -111,7 +111,11 @@ class EdgeAgent(Service):
             self.reject("forged_device", m.topic, m.payload, f"payload says {env.body.device!r}")
             return []
         self.counters["readings_in"] += env.body.count
-        return self.core.ingest(env.body, now)
+        records = self.core.ingest(env.body, now)
+        if any(kind == "drop" and body["reason"] == "non_finite" for kind, body in records):
+            # Accounted for by the drop record; also dead-lettered so the device can be fixed.
+            self.reject("non_finite", m.topic, m.payload, "NaN or infinite sample values")
+        return records
 
     def _commit(self, records: list[Record], now: float) -> None:
         """Write records and the devices' restart points in one transaction."""
