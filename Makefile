@@ -14,7 +14,7 @@ setup: ## Create .venv, install fogline[dev], install Mosquitto if missing (idem
 	@scripts/setup.sh
 
 demo: setup ## Run the pipeline: 200 devices, 2 edges, 60 s, data in .fogline/demo
-	$(VENV)/bin/fogline up --devices 200 --edges 2 --duration 60 --data-dir .fogline/demo
+	$(VENV)/bin/fogline up --devices 200 --edges 2 --duration 60 --data-dir .fogline/demo --clean
 
 test: setup ## Run the test suite (each integration test starts its own Mosquitto)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -419,12 +419,17 @@ class Uplink:
         self._publish = publish
         self._max = max_batches_per_pump
         self._receiver_started: float | None = None
+        #: False while the receiver's retained status says it is down: publishing then would
+        #: only be lost (receivers use clean sessions) and re-sent later anyway.
+        self.receiver_online: bool | None = None
         self.batches_sent = 0
         self.acked = 0
 
     def pump(self, now: float) -> int:
         """Publish what is due; returns the number of records published."""
         sent = 0
+        if self.receiver_online is False:
+            return 0
         for _ in range(self._max):
             due = self.outbox.take_due(now)
             if due is None:
@@ -442,7 +447,8 @@ class Uplink:
     def on_receiver_status(self, body: dict[str, Any]) -> None:
         """Resend everything unacknowledged when the receiver (re)starts."""
         started = body.get("started")
-        if body.get("state") == "online" and started != self._receiver_started:
+        self.receiver_online = body.get("state") == "online"
+        if self.receiver_online and started != self._receiver_started:
             if self._receiver_started is not None or self.outbox.records:
                 self.outbox.resend_all()
             self._receiver_started = started if isinstance(started, float | int) else None

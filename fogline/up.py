@@ -73,6 +73,8 @@ class Pipeline:
         self.stop_requested = threading.Event()
         self.fast_stop = threading.Event()
         self.monitor: Monitor | None = None
+        self.timing: dict[str, float] = {}
+        self._t0 = 0.0
 
     def _argv(self, module: str, ident: str, *extra: str) -> list[str]:
         return [
@@ -135,6 +137,7 @@ class Pipeline:
         """Run for the duration (or until Ctrl-C), stop in order and return the report."""
         self.start()
         t0 = time.monotonic()
+        self._t0 = t0
         progress = Progress(self.monitor, self.sup)  # type: ignore[arg-type]
         try:
             while not self.stop_requested.is_set():
@@ -187,7 +190,12 @@ class Pipeline:
             else:
                 print("fogline up: stopping devices", flush=True)
                 self.sup.stop(sim, timeout=t)
+                stopped = time.monotonic()
                 self._wait_edges_caught_up()
+                self.timing = {
+                    "devices_ran": round(stopped - self._t0, 3),
+                    "edges_caught_up_after": round(time.monotonic() - stopped, 3),
+                }
                 print("fogline up: draining edges -> fog -> cloud", flush=True)
                 self.sup.stop(edges, timeout=t)
                 self.sup.stop([f"fog-{FOG}"], timeout=t)
@@ -281,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     rep = pipeline.run()
     restarts = pipeline.sup.restarts()
     rep["restarts"] = restarts
+    rep["timing"] = pipeline.timing
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
