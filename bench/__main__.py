@@ -153,8 +153,9 @@ def render_e2e(res: dict[str, Any], command: str) -> str:
         f"Command: `{command}`  ",
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
         "",
-        f"Baseline (same run): the raw broker carrying the same {b['payload_bytes']}-byte telemetry "
-        f"message ({res['samples']} readings) from `mosquitto_pub` to `mosquitto_sub` at QoS 1: "
+        f"Baseline (same run): the raw broker carrying the same {b['payload_bytes']}-byte "
+        f"telemetry message ({res['samples']} readings) from `mosquitto_pub` to `mosquitto_sub` "
+        "at QoS 1: "
         f"median {b['msgs_per_s']:,.0f} msg/s = {b['readings_per_s']:,.0f} readings/s "
         f"(runs: {', '.join(f'{r:,}' for r in b['runs'])} msg/s).",
         "",
@@ -164,8 +165,9 @@ def render_e2e(res: dict[str, Any], command: str) -> str:
     ]
     for r in res["runs"]:
         lines.append(
-            f"| {r['devices']:,} | {r['asked']:,.0f} | {r['produced']:,} | {r['readings_per_s']:,.0f} | "
-            f"{r['caught_up_after']:.1f} s | {r['unaccounted']} | {r['duplicates']} | "
+            f"| {r['devices']:,} | {r['asked']:,.0f} | {r['produced']:,} | "
+            f"{r['readings_per_s']:,.0f} | {r['caught_up_after']:.1f} s | {r['unaccounted']} | "
+            f"{r['duplicates']} | "
             f"{r['readings_per_s'] / b['readings_per_s']:.0%} |"
         )
     best = res["best"]
@@ -174,8 +176,8 @@ def render_e2e(res: dict[str, Any], command: str) -> str:
         lines.append(
             f"Sustained with `unaccounted == 0` (edges within 2 s of the devices): "
             f"**{best['readings_per_s']:,.0f} readings/s**, "
-            f"{best['readings_per_s'] / b['readings_per_s']:.0%} of the raw broker's ceiling for the "
-            f"same messages. Each run lasts {res['duration']:g} s of telemetry, 2 edges, "
+            f"{best['readings_per_s'] / b['readings_per_s']:.0%} of the raw broker's ceiling for "
+            f"the same messages. Each run lasts {res['duration']:g} s of telemetry, 2 edges, "
             f"{res['samples']} readings per message."
         )
     else:

@@ -12,6 +12,7 @@ from fogline.codec import Batch, decode, encode_ack
 from fogline.config import ServiceConfig, setting
 from fogline.errors import DecodeError
 from fogline.service import Inbound, Service
+from fogline.topics import check_id
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,15 @@ class SinkConfig(ServiceConfig):
     """Settings of a cloud sink."""
 
     id: str = setting("c0", "Identifier of this cloud sink (a topic segment).")
+    fogs: list[str] = setting(
+        ["+"], "Fogs whose records this sink takes (ids, or + for every fog on the broker)."
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        for fog in self.fogs:
+            if fog != "+":
+                check_id(fog, "fogs")
 
 
 class CloudSink(Service):
@@ -36,7 +46,7 @@ class CloudSink(Service):
         self.store = Store(self.cfg.data_dir / f"cloud-{self.cfg.id}" / STORE_FILE)
 
     def subscriptions(self) -> list[str]:
-        return [self.topics.up_sub("fog")]
+        return [self.topics.up("fog", f) for f in self.cfg.fogs]
 
     def accepts(self, topic: str) -> bool:
         return not self.stopping

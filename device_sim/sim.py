@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class SimConfig(ServiceConfig):
     """Settings of a device simulator process."""
 
+    id: str = setting("s0", "Identifier of this simulator process (a topic segment).")
     devices: int = setting(20, "Number of simulated devices.", minimum=1, maximum=1_000_000)
     first_device: int = setting(
         0, "Number of this process's first device (to share a fleet).", minimum=0

@@ -111,6 +111,10 @@ class EdgeAgent(Service):
             self.reject("forged_device", m.topic, m.payload, f"payload says {env.body.device!r}")
             return []
         self.counters["readings_in"] += env.body.count
+        if self.core.is_replay(env.body):
+            tele = env.body
+            detail = f"readings {tele.first}..{tele.last} were already taken"
+            self.reject("replay", m.topic, m.payload, detail)
         records = self.core.ingest(env.body, now)
         if any(kind == "drop" and body["reason"] == "non_finite" for kind, body in records):
             # Accounted for by the drop record; also dead-lettered so the device can be fixed.

@@ -84,39 +84,46 @@ class EdgeCore:
 
     # ---------------------------------------------------------------- ingest
 
+    def is_replay(self, tele: Telemetry) -> bool:
+        """Whether every reading of the batch was already taken (a duplicate delivery or replay)."""
+        state = self.devices.get(tele.device)
+        return state is not None and tele.last < state.expected
+
     def ingest(self, tele: Telemetry, now: float) -> list[Record]:
         """Take one telemetry batch; returns the records it produced (events, drops, summaries)."""
         state = self.devices.get(tele.device)
         if state is None:
-            state = self.devices[tele.device] = DeviceState(expected=tele.first)
+            # Devices number their readings from 0: an edge that first hears of a device at
+            # reading N reports readings 0..N-1 as a gap rather than ignoring them.
+            state = self.devices[tele.device] = DeviceState(expected=0)
         out: list[Record] = []
-        values, first = tele.values, tele.first
+        values, first, t0 = tele.values, tele.first, tele.t0
         if tele.last < state.expected:
             self.stats["duplicates"] += tele.count
             return out
         if first < state.expected:  # overlap with what we have: keep the new part only
             skip = state.expected - first
             self.stats["duplicates"] += skip
-            values, first = values[skip:], state.expected
+            values, first, t0 = values[skip:], state.expected, t0 + skip * tele.dt
         if first > state.expected:
-            out += self._break(tele.device, state, now)
+            out += self._discontinuity(tele.device, state, now)
             out.append(self._drop(tele.device, state.expected, first - 1, "gap", now))
             self.stats["gaps"] += first - state.expected
         last = first + len(values) - 1
         state.expected = last + 1
         if not np.isfinite(values).all():
-            out += self._break(tele.device, state, now)
+            out += self._discontinuity(tele.device, state, now)
             out.append(self._drop(tele.device, first, last, "non_finite", now))
             self.stats["non_finite"] += len(values)
             return out
         self.stats["readings"] += len(values)
         t_last = tele.t0 + tele.dt * (tele.count - 1)
         if state.summary is None:
-            state.summary = _Summary(first=first, fields=tele.fields, t0=tele.t0)
+            state.summary = _Summary(first=first, fields=tele.fields, t0=t0)
             state.summary_due = now + self.rules.summary_interval
         elif state.summary.fields != tele.fields:
-            out += self._break(tele.device, state, now)
-            state.summary = _Summary(first=first, fields=tele.fields, t0=tele.t0)
+            out += self._discontinuity(tele.device, state, now)
+            state.summary = _Summary(first=first, fields=tele.fields, t0=t0)
             state.summary_due = now + self.rules.summary_interval
         state.summary.add(values, t_last)
         out += self._windows(tele.device, state, values, first, t_last)
@@ -157,7 +164,9 @@ class EdgeCore:
             state.windows_seen > self.rules.warmup_windows and abs(z[j]) > self.rules.z_threshold
         )
         if not abnormal:  # anomalies must not drag the baseline towards themselves
-            a = self.rules.baseline_alpha if state.windows_seen > 2 else 0.5
+            # A plain running mean/variance while few windows are known, then an EWMA: starting
+            # with the EWMA alone underestimates the variance right after warm-up.
+            a = max(self.rules.baseline_alpha, 1.0 / state.windows_seen)
             delta = m - state.mean
             state.mean = state.mean + a * delta
             state.var = (1 - a) * (state.var + a * delta * delta)
@@ -193,6 +202,11 @@ class EdgeCore:
             if state.summary is not None and (force or now >= state.summary_due):
                 out += self._break(device, state, now)
         return out
+
+    def _discontinuity(self, device: str, state: DeviceState, now: float) -> list[Record]:
+        """Readings stop being contiguous: close the summary and start a new window."""
+        state.window, state.window_len = [], 0
+        return self._break(device, state, now)
 
     def _break(self, device: str, state: DeviceState, now: float) -> list[Record]:
         """Close the device's open summary (at a discontinuity or when due)."""

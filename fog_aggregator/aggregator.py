@@ -41,11 +41,17 @@ class FogConfig(SenderConfig):
 
     id: str = setting("f0", "Identifier of this fog node (a topic segment).")
     cloud_id: str = setting("c0", "Identifier of the cloud sink this fog reports to.")
+    edges: list[str] = setting(
+        ["+"], "Edges whose records this fog takes (ids, or + for every edge on the broker)."
+    )
     rollup_interval: float = setting(10.0, "Seconds between per-site rollups.", minimum=0.1)
 
     def validate(self) -> None:
         super().validate()
         check_id(self.cloud_id, "cloud_id")
+        for edge in self.edges:
+            if edge != "+":
+                check_id(edge, "edges")
 
 
 class FogAggregator(Service):
@@ -74,7 +80,8 @@ class FogAggregator(Service):
         self._next_rollup = time.time() + self.cfg.rollup_interval
 
     def subscriptions(self) -> list[str]:
-        return [self.topics.up_sub("edge"), self.ack_topic, self.cloud_status]
+        ups = [self.topics.up("edge", e) for e in self.cfg.edges]
+        return [*ups, self.ack_topic, self.cloud_status]
 
     def accepts(self, topic: str) -> bool:
         # Once stopping, edge batches stay unacknowledged: the edges re-send them later.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +27,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _broker(args: argparse.Namespace) -> int:
+    def on_term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     broker = Broker(data_dir=args.data_dir / "broker", port=args.port or None).start()
     print(
         f"fogline broker: Mosquitto at {broker.url} (log {broker.log_path}); Ctrl-C stops it",

@@ -84,6 +84,14 @@ class Monitor:
             if r == role
         )
 
+    def counters(self, role: str, name: str) -> dict[str, float]:
+        """One counter of every process of `role`, by id."""
+        return {
+            ident: float(s.metrics.get("counters", {}).get(name, 0))
+            for (r, ident), s in self.snapshot().items()
+            if r == role and s.metrics
+        }
+
     def gauge(self, role: str, ident: str, name: str) -> float | None:
         """One gauge of one process, if seen."""
         s = self.snapshot().get((role, ident))

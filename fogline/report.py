@@ -103,7 +103,7 @@ def build_report(data_dir: Path) -> dict[str, Any]:
                 "SELECT device, first, last, reason FROM drop_ranges"
             ):
                 drop_spans[device][reason].append((first, last))
-            (rejected,) = conn.execute("SELECT count(*) FROM rejected").fetchone()
+            rejected += conn.execute("SELECT count(*) FROM rejected").fetchone()[0]
         finally:
             conn.close()
 
@@ -168,6 +168,6 @@ def format_report(rep: dict[str, Any]) -> str:
     for loss in rep["unaccounted_devices"]:
         lines.append(f"  loss: {loss}")
     verdict = "OK: every reading is accounted for" if rep["unaccounted"] == 0 else "LOSS"
-    if rep["produced"] == 0:
+    if rep["produced"] == 0 and rep["unaccounted"] == 0:
         verdict = "nothing produced yet"
     return "\n".join([*lines, verdict])

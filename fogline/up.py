@@ -28,6 +28,11 @@ CHILD_METRICS_INTERVAL = 0.5
 EDGE_CATCH_UP = 20.0
 
 
+def say(*parts: str, end: str = "\n") -> None:
+    """Progress and notices go to stderr, so stdout carries only the report."""
+    print(*parts, end=end, file=sys.stderr, flush=True)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `fogline up`."""
     p.add_argument("--devices", type=int, default=20, help="simulated devices (default: 20)")
@@ -78,8 +83,9 @@ class Pipeline:
 
     def _argv(self, module: str, ident: str, *extra: str) -> list[str]:
         return [
-            sys.executable, "-m", module, "--id", ident,
-            "--broker-port", str(self.broker.port), "--data-dir", str(self.data_dir),
+            sys.executable, "-m", module, "--id", ident, "--broker-host", self.broker.host,
+            "--broker-port", str(self.broker.port), "--topic-root", self.topics.root,
+            "--data-dir", str(self.data_dir),
             "--metrics-interval", str(CHILD_METRICS_INTERVAL),
             "--shutdown-timeout", str(self.args.shutdown_timeout), *extra,
         ]  # fmt: skip
@@ -107,10 +113,9 @@ class Pipeline:
                 "--anomaly-rate", str(a.anomaly_rate), "--seed", str(a.seed),
             ),
         )  # fmt: skip
-        print(
+        say(
             f"fogline up: broker {self.broker.url}, {a.devices} devices, {len(self.edges)} edges; "
-            f"data in {self.data_dir}",
-            flush=True,
+            f"data in {self.data_dir}"
         )
 
     def _wait_online(self, who: list[tuple[str, str]], timeout: float = 20.0) -> None:
@@ -122,7 +127,7 @@ class Pipeline:
             if all(seen.get(k) is not None and seen[k].state == "online" for k in who):
                 return
             for note in self.sup.poll():
-                print(f"\nfogline up: {note}", flush=True)
+                say(f"\nfogline up: {note}")
             time.sleep(0.05)
         missing = [f"{r}-{i}" for r, i in who if self.monitor.snapshot().get((r, i)) is None]
         if missing:
@@ -175,7 +180,7 @@ class Pipeline:
             if not behind:
                 return
             for note in self.sup.poll():
-                print(f"fogline up: {note}", flush=True)
+                say(f"fogline up: {note}")
             time.sleep(0.1)
         log.warning("edges still behind the ledger after %.0fs: %s", EDGE_CATCH_UP, behind)
 
@@ -188,7 +193,7 @@ class Pipeline:
             if self.fast_stop.is_set():
                 self.sup.stop_all(timeout=5.0)
             else:
-                print("fogline up: stopping devices", flush=True)
+                say("fogline up: stopping devices")
                 self.sup.stop(sim, timeout=t)
                 stopped = time.monotonic()
                 self._wait_edges_caught_up()
@@ -196,7 +201,7 @@ class Pipeline:
                     "devices_ran": round(stopped - self._t0, 3),
                     "edges_caught_up_after": round(time.monotonic() - stopped, 3),
                 }
-                print("fogline up: draining edges -> fog -> cloud", flush=True)
+                say("fogline up: draining edges -> fog -> cloud")
                 self.sup.stop(edges, timeout=t)
                 self.sup.stop([f"fog-{FOG}"], timeout=t)
                 self.sup.stop([f"cloud-{CLOUD}"], timeout=t)
@@ -214,19 +219,26 @@ class Progress:
     def __init__(self, monitor: Monitor, sup: Supervisor) -> None:
         self.monitor = monitor
         self.sup = sup
-        self.tty = sys.stdout.isatty()
+        self.tty = sys.stderr.isatty()
         self.last: tuple[float, list[float]] | None = None
+        self.seen: dict[tuple[str, str], tuple[float, float]] = {}
         self.next_print = 0.0
         self.width = 0
 
     def _totals(self) -> list[float]:
-        m = self.monitor
-        return [
-            m.total("device-sim", "readings"),
-            m.total("edge", "readings_in"),
-            m.total("fog", "readings"),
-            m.total("cloud", "stored.readings"),
-        ]
+        """Cumulative totals per layer; a restarted process's counters start again at 0."""
+        keys = [("device-sim", "readings"), ("edge", "readings_in"), ("fog", "readings"),
+                ("cloud", "stored.readings")]  # fmt: skip
+        out = []
+        for role, counter in keys:
+            total = 0.0
+            for ident, value in self.monitor.counters(role, counter).items():
+                prev_raw, prev_sum = self.seen.get((role, ident), (0.0, 0.0))
+                grown = value - prev_raw if value >= prev_raw else value
+                self.seen[(role, ident)] = (value, prev_sum + grown)
+                total += prev_sum + grown
+            out.append(total)
+        return out
 
     def tick(self, elapsed: float) -> None:
         """Refresh the line (every second on a terminal, every 5 s otherwise)."""
@@ -251,20 +263,20 @@ class Progress:
             f" | stored {int(totals[3])} | restarts {restarts}"
         )
         if self.tty:
-            print("\r" + line.ljust(self.width), end="", flush=True)
+            say("\r" + line.ljust(self.width), end="")
             self.width = len(line)
         else:
-            print(line, flush=True)
+            say(line)
 
     def note(self, text: str) -> None:
         """Print a one-off message without garbling the live line."""
-        print(("\n" if self.tty and self.width else "") + f"fogline up: {text}", flush=True)
+        say(("\n" if self.tty and self.width else "") + f"fogline up: {text}")
         self.width = 0
 
     def end(self) -> None:
         """Finish the live line."""
         if self.tty and self.width:
-            print(flush=True)
+            say()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -279,10 +291,10 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         if pipeline.stop_requested.is_set():
             pipeline.fast_stop.set()
-            print("\nfogline up: stopping now", flush=True)
+            say("\nfogline up: stopping now")
         else:
             pipeline.stop_requested.set()
-            print("\nfogline up: stopping in order (Ctrl-C again to stop at once)", flush=True)
+            say("\nfogline up: stopping in order (Ctrl-C again to stop at once)")
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
