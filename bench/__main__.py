@@ -97,6 +97,12 @@ def pipeline(
         "unaccounted": rep["unaccounted"],
         "duplicates": rep["duplicates"],
         "exit": proc.returncode,
+        # Sustained: every reading accounted, the rate asked for was delivered (a simulator or
+        # broker that falls behind stretches the run), and the edges kept pace.
+        "sustained": rep["unaccounted"] == 0
+        and rep["duplicates"] == 0
+        and rep["produced"] / span >= 0.95 * devices * rate
+        and t["edges_caught_up_after"] < 2.0,
     }
 
 
@@ -107,20 +113,22 @@ def e2e(quick: bool) -> dict[str, Any]:
     ladder = [20.0, 50.0] if quick else [20.0, 40.0, 60.0, 80.0]
     runs = []
     for rate in ladder:
-        r = pipeline(1000, rate, samples, duration, edges=2)
-        runs.append(r)
-        print(
-            f"  1000 devices x {rate:g}/s: {r['readings_per_s']:,.0f} readings/s, "
-            f"edges caught up {r['caught_up_after']:.1f}s after the devices stopped, "
-            f"unaccounted {r['unaccounted']}",
-            flush=True,
-        )
-    # Sustained: every reading accounted and the edges kept pace (caught up within 2 s).
-    ok = [
-        r
-        for r in runs
-        if r["unaccounted"] == 0 and r["duplicates"] == 0 and r["caught_up_after"] < 2.0
-    ]
+        tries = []
+        for _ in range(1 if quick else 3):
+            r = pipeline(1000, rate, samples, duration, edges=2)
+            tries.append(r)
+            print(
+                f"  1000 devices x {rate:g}/s: {r['readings_per_s']:,.0f} readings/s, "
+                f"edges caught up {r['caught_up_after']:.1f}s after the devices stopped, "
+                f"unaccounted {r['unaccounted']}, sustained {r['sustained']}",
+                flush=True,
+            )
+        # The median run by throughput stands for the rate (the machine is noisy).
+        tries.sort(key=lambda r: r["readings_per_s"])
+        median = dict(tries[len(tries) // 2])
+        median["tries"] = [round(t["readings_per_s"]) for t in tries]
+        runs.append(median)
+    ok = [r for r in runs if r["sustained"]]
     best = max(ok, key=lambda r: r["readings_per_s"]) if ok else None
     return {"baseline": base, "runs": runs, "best": best, "samples": samples, "duration": duration}
 
@@ -160,24 +168,27 @@ def render_e2e(res: dict[str, Any], command: str) -> str:
         f"(runs: {', '.join(f'{r:,}' for r in b['runs'])} msg/s).",
         "",
         "| devices | asked readings/s | produced | through edge decision, readings/s | "
-        "edges caught up after stop | unaccounted | duplicates | share of raw broker |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "edges caught up after stop | unaccounted | duplicates | share of raw broker | sustained "
+        "| all runs, readings/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for r in res["runs"]:
         lines.append(
             f"| {r['devices']:,} | {r['asked']:,.0f} | {r['produced']:,} | "
             f"{r['readings_per_s']:,.0f} | {r['caught_up_after']:.1f} s | {r['unaccounted']} | "
             f"{r['duplicates']} | "
-            f"{r['readings_per_s'] / b['readings_per_s']:.0%} |"
+            f"{r['readings_per_s'] / b['readings_per_s']:.0%} | "
+            f"{'yes' if r['sustained'] else 'no'} | {', '.join(f'{x:,}' for x in r['tries'])} |"
         )
     best = res["best"]
     lines.append("")
     if best:
         lines.append(
-            f"Sustained with `unaccounted == 0` (edges within 2 s of the devices): "
+            "Sustained (every reading accounted, at least 95% of the asked rate delivered, edges "
+            "within 2 s of the devices): "
             f"**{best['readings_per_s']:,.0f} readings/s**, "
             f"{best['readings_per_s'] / b['readings_per_s']:.0%} of the raw broker's ceiling for "
-            f"the same messages. Each run lasts {res['duration']:g} s of telemetry, 2 edges, "
+            f"the same messages. Each row is the median of its runs by throughput; a run lasts {res['duration']:g} s of telemetry, 2 edges, "
             f"{res['samples']} readings per message."
         )
     else:

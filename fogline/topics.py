@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from fogline.errors import ConfigError, DecodeError
 
 DEFAULT_ROOT = "fl/v1"
-ROLES = ("device-sim", "edge", "fog", "cloud", "supervisor")
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
