@@ -188,8 +188,8 @@ def render_e2e(res: dict[str, Any], command: str) -> str:
             "within 2 s of the devices): "
             f"**{best['readings_per_s']:,.0f} readings/s**, "
             f"{best['readings_per_s'] / b['readings_per_s']:.0%} of the raw broker's ceiling for "
-            f"the same messages. Each row is the median of its runs by throughput; a run lasts {res['duration']:g} s of telemetry, 2 edges, "
-            f"{res['samples']} readings per message."
+            "the same messages. Each row is the median of its runs by throughput; a run lasts "
+            f"{res['duration']:g} s of telemetry, 2 edges, {res['samples']} readings per message."
         )
     else:
         lines.append("No run was sustained (see the table).")
