@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 
 from fogline.db import connect, migrate, transaction
@@ -14,8 +15,10 @@ _MIGRATIONS = [
         edge TEXT NOT NULL,
         produced INTEGER NOT NULL DEFAULT 0,
         messages INTEGER NOT NULL DEFAULT 0,
-        bytes INTEGER NOT NULL DEFAULT 0
-    )
+        active INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE TABLE ledger_totals (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO ledger_totals(key, value) VALUES ('bytes', 0)
     """,
 ]
 
@@ -33,15 +36,41 @@ class Ledger:
         """Readings produced so far per device (the next reading's seq)."""
         return dict(self.conn.execute("SELECT device, produced FROM ledger").fetchall())
 
-    def record(self, rows: list[tuple[str, str, int, int]]) -> None:
-        """Add `(device, edge, readings, bytes)` for one round of messages, in one transaction."""
+    def register(self, devices: Iterable[tuple[str, str]]) -> None:
+        """Make `(device, edge)` the devices that `record_round` counts for."""
+        with transaction(self.conn):
+            self.conn.execute("UPDATE ledger SET active = 0")
+            self.conn.executemany(
+                "INSERT INTO ledger(device, edge) VALUES (?, ?)"
+                " ON CONFLICT(device) DO UPDATE SET edge = excluded.edge, active = 1",
+                devices,
+            )
+
+    def record_round(self, readings: int, *, nbytes: int) -> None:
+        """Every registered device produced one message of `readings`; `nbytes` in all."""
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE ledger SET produced = produced + ?, messages = messages + 1"
+                " WHERE active = 1",
+                (readings,),
+            )
+            self._add_bytes(nbytes)
+
+    def record(self, rows: Iterable[tuple[str, str, int]], *, nbytes: int) -> None:
+        """Add `(device, edge, readings)`, one message each, and `nbytes` in all."""
         with transaction(self.conn):
             self.conn.executemany(
-                "INSERT INTO ledger(device, edge, produced, messages, bytes) VALUES (?, ?, ?, 1, ?)"
+                "INSERT INTO ledger(device, edge, produced, messages) VALUES (?, ?, ?, 1)"
                 " ON CONFLICT(device) DO UPDATE SET produced = produced + excluded.produced,"
-                " messages = messages + 1, bytes = bytes + excluded.bytes",
+                " messages = messages + 1",
                 rows,
             )
+            self._add_bytes(nbytes)
+
+    def _add_bytes(self, nbytes: int) -> None:
+        self.conn.execute(
+            "UPDATE ledger_totals SET value = value + ? WHERE key = 'bytes'", (nbytes,)
+        )
 
     def close(self) -> None:
         """Close the database."""

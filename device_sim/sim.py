@@ -1,9 +1,19 @@
-"""The simulator process: many devices, one MQTT connection, packed telemetry batches."""
+"""The simulator process: many devices, one MQTT connection, packed telemetry batches.
+
+Simulated time runs `time_scale` times faster than the wall clock, so hours of machine life
+(faults developing towards failure) fit in a short run. Reading `k` of every device is taken at
+`k * time_scale / rate` simulated seconds after the fleet's start; telemetry carries that time.
+The ground truth (which machine develops which fault, when) goes to `truth.json` beside the
+ledger, never onto the telemetry topic.
+"""
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,13 +21,20 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from device_sim.ledger import LEDGER_FILE, Ledger
-from device_sim.signals import FIELDS, Fleet
+from device_sim.physics import FAULT_KINDS, FIELDS, FaultMix, Fleet
 from fogline.codec import Telemetry, encode_telemetry
 from fogline.config import ServiceConfig, setting
+from fogline.errors import ConfigError
+from fogline.evaluate import TRUTH_FILE
 from fogline.fleet import device_id, edge_of
 from fogline.service import Service
 
 log = logging.getLogger(__name__)
+
+DEFAULT_FAULTS = [
+    "bearing_wear=0.03", "overheating=0.03", "imbalance=0.02", "sensor_stuck=0.01",
+    "sensor_dropout=0.01", "sensor_spikes=0.01", "sensor_drift=0.01",
+]  # fmt: skip
 
 
 @dataclass
@@ -34,13 +51,53 @@ class SimConfig(ServiceConfig):
     samples_per_message: int = setting(
         10, "Readings packed in one message.", minimum=1, maximum=10_000
     )
-    anomaly_rate: float = setting(
-        0.002, "Chance per message that a device shows a fault burst.", minimum=0.0, maximum=1.0
+    time_scale: float = setting(
+        60.0, "Simulated seconds per wall-clock second.", minimum=0.001, maximum=1e6
+    )
+    faults: list[str] = setting(
+        DEFAULT_FAULTS,
+        "Fault mix: kind=probability that a machine develops it ('none' for a healthy fleet).",
+    )
+    fault_horizon_h: float = setting(
+        1.0, "Faults start within this many simulated hours.", minimum=0.001
+    )
+    wear_hours: list[float] = setting(
+        [0.5, 2.0], "Onset-to-failure range in simulated hours for wearing faults (min,max)."
     )
     seed: int = setting(1, "Random seed (runs are reproducible).")
     duration: float = setting(
         0.0, "Stop after this many seconds (0 = run until stopped).", minimum=0.0
     )
+
+    def fault_mix(self) -> FaultMix:
+        """The fault mix these settings describe."""
+        rates: dict[str, float] = {}
+        for item in self.faults:
+            if item in ("none", ""):
+                continue
+            kind, _, value = item.partition("=")
+            if kind not in FAULT_KINDS:
+                raise ConfigError(
+                    "faults", f"unknown fault kind {kind!r} (known: {', '.join(FAULT_KINDS)})"
+                )
+            try:
+                rates[kind] = float(value)
+            except ValueError as exc:
+                raise ConfigError("faults", f"{item!r} is not kind=probability") from exc
+        if len(self.wear_hours) != 2:
+            raise ConfigError("wear_hours", "give two numbers: min,max")
+        try:
+            return FaultMix(
+                rates=rates,
+                horizon_h=self.fault_horizon_h,
+                wear_hours=(self.wear_hours[0], self.wear_hours[1]),
+            )
+        except ValueError as exc:
+            raise ConfigError("faults", str(exc)) from exc
+
+    def validate(self) -> None:
+        super().validate()
+        self.fault_mix()
 
 
 class DeviceSim(Service):
@@ -53,9 +110,7 @@ class DeviceSim(Service):
         super().__init__(config)
         self.cfg = config
         self.fleet = Fleet(
-            n=config.devices,
-            seed=config.seed + config.first_device,
-            anomaly_rate=config.anomaly_rate,
+            n=config.devices, first=config.first_device, seed=config.seed, mix=config.fault_mix()
         )
         indexes = range(config.first_device, config.first_device + config.devices)
         self.devices = [device_id(i) for i in indexes]
@@ -64,20 +119,65 @@ class DeviceSim(Service):
             self.topics.tele(e, d) for e, d in zip(self.edges, self.devices, strict=True)
         ]
         self.period = config.samples_per_message / config.rate
+        self.dt_sim = config.time_scale / config.rate
+        self.folder = config.data_dir / f"device-sim-{config.id}"
         self.ledger: Ledger | None = None
         self.seqs: list[int] = []
+        self.sim_start = 0.0
         self._pending: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
         self._t_start = 0.0
         self._rounds = 0
         self._lag_warned = 0.0
 
     def on_start(self) -> None:
-        folder = self.cfg.data_dir / f"device-sim-{self.cfg.id}"
-        self.ledger = Ledger(folder / LEDGER_FILE)
+        self.ledger = Ledger(self.folder / LEDGER_FILE)
+        self.ledger.register(zip(self.devices, self.edges, strict=True))
         produced = self.ledger.produced()
         self.seqs = [produced.get(d, 0) for d in self.devices]
         if any(self.seqs):
             log.info("continuing the ledger: %d readings already produced", sum(self.seqs))
+        # After a restart the physics resumes at the simulated time of the next reading.
+        self.sim_start = self._write_truth()
+
+    def _write_truth(self) -> float:
+        """Write the ground truth (kept from an earlier run of the same fleet); return its start."""
+        path = self.folder / TRUTH_FILE
+        start = time.time()
+        if path.exists():
+            start = float(json.loads(path.read_text()).get("start", start))
+        faults = [
+            {
+                "device": device_id(f.device),
+                "kind": f.kind,
+                "field": f.field,
+                "onset_h": f.onset / 3600,
+                "failure_h": None if f.failure is None else f.failure / 3600,
+                "onset_seq": math.ceil(f.onset / self.dt_sim),
+                "failure_seq": None if f.failure is None else math.ceil(f.failure / self.dt_sim),
+            }
+            for f in self.fleet.faults
+        ]
+        doc = {
+            "start": start,
+            "dt": self.dt_sim,
+            "rate": self.cfg.rate,
+            "time_scale": self.cfg.time_scale,
+            "seed": self.cfg.seed,
+            "first_device": self.cfg.first_device,
+            "devices": self.cfg.devices,
+            "fields": list(FIELDS),
+            "faults": faults,
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+        log.info(
+            "ground truth: %d of %d machines develop a fault (%s)",
+            len(faults),
+            self.cfg.devices,
+            path,
+        )
+        return start
 
     def on_tick(self, now: float) -> None:
         if self.stopping or not self.connected.is_set() or self.ledger is None:
@@ -96,7 +196,7 @@ class DeviceSim(Service):
                 "cannot keep up: %d rounds behind (%.0f readings/s asked)", due, self.asked_rate
             )
         for _ in range(min(due, 2)):
-            self._round(now)
+            self._round()
         self._forget_published()
 
     @property
@@ -104,26 +204,21 @@ class DeviceSim(Service):
         """Readings per second this process is configured to produce."""
         return self.cfg.devices * self.cfg.rate
 
-    def _round(self, now: float) -> None:
+    def _round(self) -> None:
         """Produce one message per device: ledger first (write-ahead), then publish."""
         assert self.ledger is not None
         n = self.cfg.samples_per_message
-        dt = 1.0 / self.cfg.rate
-        values = self.fleet.sample(now, dt, n)
+        t_sim = self.seqs[0] * self.dt_sim
+        values = self.fleet.sample(t_sim, self.dt_sim, n)
+        t0 = self.sim_start + t_sim
         payloads = []
         for i, device in enumerate(self.devices):
             tele = Telemetry(
-                device=device,
-                first=self.seqs[i],
-                t0=now,
-                dt=dt,
-                fields=FIELDS,
+                device=device, first=self.seqs[i], t0=t0, dt=self.dt_sim, fields=FIELDS,
                 values=values[i],
-            )
-            payloads.append(encode_telemetry(tele, seq=self._rounds, ts=now))
-        self.ledger.record(
-            [(d, e, n, len(p)) for d, e, p in zip(self.devices, self.edges, payloads, strict=True)]
-        )
+            )  # fmt: skip
+            payloads.append(encode_telemetry(tele, seq=self._rounds, ts=time.time()))
+        self.ledger.record_round(n, nbytes=sum(len(p) for p in payloads))
         for i, payload in enumerate(payloads):
             self._pending.append(self.client.publish(self.tele_topics[i], payload, qos=1))
             self.seqs[i] += n
@@ -145,6 +240,7 @@ class DeviceSim(Service):
             "devices": self.cfg.devices,
             "unacked": len(self._pending),
             "asked_rate": self.asked_rate,
+            "simulated_hours": (self.seqs[0] * self.dt_sim / 3600) if self.seqs else 0.0,
         }
 
     def on_stopped(self) -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fogline import __version__, up
+from fogline import __version__, simulate, up
 from fogline.broker import Broker
 from fogline.errors import FoglineError
 from fogline.report import build_report, format_report
@@ -61,6 +61,16 @@ def parser() -> argparse.ArgumentParser:
     )
     up.add_arguments(s)
     s.set_defaults(func=up.run)
+
+    s = sub.add_parser(
+        "simulate",
+        help="run a scenario through the pipeline and evaluate detection against ground truth",
+        description="Run a scenario (built-in name or TOML file) through the real pipeline and "
+        "print an evaluation against the simulator's ground truth; or export labelled training "
+        "windows with --export-windows. Exit status 1 when readings are unaccounted.",
+    )
+    simulate.add_arguments(s)
+    s.set_defaults(func=simulate.run)
 
     s = sub.add_parser(
         "report",

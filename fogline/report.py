@@ -65,24 +65,27 @@ def _sent_bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def read_ledgers(data_dir: Path) -> dict[str, tuple[str, int, int]]:
-    """Every simulator ledger (`device-sim-*/ledger.db`): device -> (edge, produced, bytes)."""
-    out: dict[str, tuple[str, int, int]] = {}
+def read_ledgers(data_dir: Path) -> tuple[dict[str, tuple[str, int]], int]:
+    """Every simulator ledger (`device-sim-*/ledger.db`): device -> (edge, produced), and the
+    telemetry bytes they published in all."""
+    out: dict[str, tuple[str, int]] = {}
+    total = 0
     for path in sorted(data_dir.glob("device-sim-*/ledger.db")):
         conn = _read_only(path)
         try:
-            for device, edge, produced, nbytes in conn.execute(
-                "SELECT device, edge, produced, bytes FROM ledger"
-            ):
-                out[device] = (edge, produced, nbytes)
+            for device, edge, produced in conn.execute("SELECT device, edge, produced FROM ledger"):
+                out[device] = (edge, produced)
+            total += conn.execute("SELECT value FROM ledger_totals WHERE key = 'bytes'").fetchone()[
+                0
+            ]
         finally:
             conn.close()
-    return out
+    return out, total
 
 
 def build_report(data_dir: Path) -> dict[str, Any]:
     """Account for every reading produced under `data_dir` (simulator ledgers + cloud stores)."""
-    ledger = read_ledgers(data_dir)
+    ledger, ledger_bytes = read_ledgers(data_dir)
     covered_spans: dict[str, list[Span]] = defaultdict(list)
     summary_spans: dict[str, list[Span]] = defaultdict(list)
     drop_spans: dict[str, dict[str, list[Span]]] = defaultdict(lambda: defaultdict(list))
@@ -112,7 +115,7 @@ def build_report(data_dir: Path) -> dict[str, Any]:
     losses = []
     devices = sorted(set(ledger) | set(summary_spans) | set(covered_spans) | set(drop_spans))
     for device in devices:
-        made = ledger.get(device, ("", 0, 0))[1]
+        made = ledger.get(device, ("", 0))[1]
         spans = summary_spans.get(device, [])
         merged = union(spans)
         duplicates += sum(b - a + 1 for a, b in spans) - size(merged)
@@ -140,7 +143,7 @@ def build_report(data_dir: Path) -> dict[str, Any]:
         "events": events,
         "rejected_records": rejected,
         "bytes": {
-            "device_edge": sum(v[2] for v in ledger.values()),
+            "device_edge": ledger_bytes,
             "edge_fog": _sent_bytes(data_dir.glob("edge-*/edge.db")),
             "fog_cloud": _sent_bytes(data_dir.glob("fog-*/fog.db")),
         },

@@ -51,14 +51,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="readings per telemetry message (default: 10)",
     )  # fmt: skip
     p.add_argument(
-        "--anomaly-rate", type=float, default=0.002,
-        help="chance per message of a fault burst (default: 0.002)",
+        "--time-scale", type=float, default=60.0,
+        help="simulated seconds per wall-clock second: faults develop over simulated hours "
+        "(default: 60)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="simulator seed (default: 1)")
     p.add_argument(
         "--clean", action="store_true", help="delete the data dir first (a fresh deployment)"
     )
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    # Extra flags for the processes (set by `fogline simulate` from a scenario).
+    p.set_defaults(sim_extra=[], edge_extra=[])
     p.add_argument(
         "--shutdown-timeout", type=float, default=15.0,
         help="seconds each layer may take to deliver what it holds when stopping (default: 15)",
@@ -103,14 +106,18 @@ class Pipeline:
         self.sup.add(f"cloud-{CLOUD}", self._argv("cloud_sink", CLOUD))
         self.sup.add(f"fog-{FOG}", self._argv("fog_aggregator", FOG, "--cloud-id", CLOUD))
         for e in self.edges:
-            self.sup.add(f"edge-{e}", self._argv("edge_agent", e, "--fog-id", FOG))
+            self.sup.add(
+                f"edge-{e}",
+                self._argv("edge_agent", e, "--fog-id", FOG, *self.args.edge_extra),
+            )
         self._wait_online([("cloud", CLOUD), ("fog", FOG), *[("edge", e) for e in self.edges]])
         self.sup.add(
             f"device-sim-{SIM}",
             self._argv(
                 "device_sim", SIM, "--devices", str(a.devices), "--edges", str(a.edges),
                 "--rate", str(a.rate), "--samples-per-message", str(a.samples_per_message),
-                "--anomaly-rate", str(a.anomaly_rate), "--seed", str(a.seed),
+                "--time-scale", str(a.time_scale), "--seed", str(a.seed),
+                *a.sim_extra,
             ),
         )  # fmt: skip
         say(
@@ -279,8 +286,11 @@ class Progress:
             say()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry of `fogline up`; returns the exit status (1 when readings are unaccounted)."""
+def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
+    """Entry of `fogline up`; returns the exit status (1 when readings are unaccounted).
+
+    With `quiet` the report is only written to `report.json`, not printed.
+    """
     if args.devices < 1 or args.edges < 1 or args.duration < 0:
         print("fogline up: --devices and --edges must be >= 1, --duration >= 0", file=sys.stderr)
         return 2
@@ -302,9 +312,9 @@ def run(args: argparse.Namespace) -> int:
     restarts = pipeline.sup.restarts()
     rep["restarts"] = restarts
     rep["timing"] = pipeline.timing
-    if args.json:
+    if args.json and not quiet:
         print(json.dumps(rep, indent=2))
-    else:
+    elif not quiet:
         print(format_report(rep))
         if restarts:
             print("restarts     " + ", ".join(f"{k} {v}" for k, v in restarts.items()))

@@ -53,12 +53,15 @@ def test_mosquitto_sub_decodes_telemetry_by_the_readme_schema(
     body = env["body"]
     assert body["device"] == "d00003"
     assert body["n"] == 4
-    assert body["fields"] == ["vib_rms", "temp_bearing", "temp_motor", "current", "pressure"]
-    assert math.isclose(body["dt"], 1 / 20)
+    fields = ["vib_rms", "vib_peak", "vib_kurtosis", "temp_bearing", "temp_motor", "current",
+              "pressure"]  # fmt: skip
+    assert body["fields"] == fields
+    # dt is in simulated seconds: time_scale (default 60) / rate.
+    assert math.isclose(body["dt"], 60 / 20)
     values = np.frombuffer(body["data"], dtype="<f4").reshape(body["n"], len(body["fields"]))
     assert np.isfinite(values).all()
     # Plausible machine readings: bearing temperature in degC, current in A.
-    assert 20 < values[:, 1].mean() < 120 and 0 < values[:, 3].mean() < 50
+    assert 20 < values[:, 3].mean() < 120 and 0 < values[:, 5].mean() < 500
     assert body["first"] % 4 == 0  # readings are numbered per device, 4 per message
 
 

@@ -91,7 +91,7 @@ def test_span_arithmetic_agrees_with_python_sets() -> None:
 def _ledger(data: Path, rows: list[tuple[str, str, int, int]], sim: str = "s0") -> None:
     ledger = Ledger(data / f"device-sim-{sim}" / "ledger.db")
     try:
-        ledger.record(rows)
+        ledger.record([(d, e, n) for d, e, n, _ in rows], nbytes=sum(r[3] for r in rows))
     finally:
         ledger.close()
 
@@ -294,11 +294,10 @@ def test_device_edge_bytes_are_the_ledger_bytes(tmp_path: Path) -> None:
     _ledger(tmp_path, [("d0", "e0", 10, 1000), ("d1", "e0", 10, 234)])
     _ledger(tmp_path, [("d0", "e0", 10, 500)])
     _ledger(tmp_path, [("d7", "e1", 5, 66)], sim="s1")
-    assert read_ledgers(tmp_path) == {
-        "d0": ("e0", 20, 1500),
-        "d1": ("e0", 10, 234),
-        "d7": ("e1", 5, 66),
-    }
+    assert read_ledgers(tmp_path) == (
+        {"d0": ("e0", 20), "d1": ("e0", 10), "d7": ("e1", 5)},
+        1800,
+    )
     rep = build_report(tmp_path)
     assert rep["bytes"]["device_edge"] == 1800
     assert rep["produced"] == 35
@@ -332,3 +331,17 @@ def test_an_empty_data_dir_reports_nothing_produced(tmp_path: Path) -> None:
     text = format_report(rep)
     assert "LOSS" not in text
     assert "produced     0" in text
+
+
+def test_a_round_counts_only_the_registered_devices(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "device-sim-s0" / "ledger.db")
+    try:
+        ledger.register([("d0", "e0"), ("d1", "e1")])
+        ledger.record_round(10, nbytes=700)
+        ledger.register([("d1", "e1"), ("d2", "e0")])  # the fleet changed between runs
+        ledger.record_round(5, nbytes=300)
+    finally:
+        ledger.close()
+    produced, nbytes = read_ledgers(tmp_path)
+    assert produced == {"d0": ("e0", 10), "d1": ("e1", 15), "d2": ("e0", 5)}
+    assert nbytes == 1000
