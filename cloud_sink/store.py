@@ -51,6 +51,21 @@ _MIGRATIONS = [
         src TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT, reason TEXT NOT NULL,
         body TEXT, stored REAL NOT NULL, PRIMARY KEY (src, seq))
     """,
+    # Decisions made with models: status, fault class, confidence, hours to failure, who decided.
+    """
+    ALTER TABLE events ADD COLUMN status TEXT;
+    ALTER TABLE events ADD COLUMN score REAL;
+    ALTER TABLE events ADD COLUMN threshold REAL;
+    ALTER TABLE events ADD COLUMN fault TEXT;
+    ALTER TABLE events ADD COLUMN confidence REAL;
+    ALTER TABLE events ADD COLUMN hours_to_failure REAL;
+    ALTER TABLE events ADD COLUMN recommendation TEXT;
+    ALTER TABLE events ADD COLUMN escalated INTEGER;
+    ALTER TABLE events ADD COLUMN verdict_by TEXT;
+    ALTER TABLE events ADD COLUMN unconfirmed INTEGER;
+    ALTER TABLE events ADD COLUMN model TEXT;
+    ALTER TABLE events ADD COLUMN evidence BLOB
+    """,
 ]
 
 
@@ -102,14 +117,48 @@ def _summary(src: str, rec: Record, now: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _opt_str(body: dict[str, Any], key: str) -> str | None:
+    return None if body.get(key) is None else _str(body, key)
+
+
+def _flag(body: dict[str, Any], key: str) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise InvalidRecord(f"{key} must be true or false")
+    return int(v)
+
+
 def _event(src: str, rec: Record, now: float) -> dict[str, Any]:
     b = rec.body
     first, last, count = _range(b)
-    return {
+    kind = _str(b, "kind")
+    row = {
         "src": src, "seq": rec.seq, "edge": _str(b, "edge"), "device": _str(b, "device"),
-        "first": first, "last": last, "count": count, "ts": _num(b, "ts"),
-        "kind": _str(b, "kind"), "field": _str(b, "field"), "value": _num(b, "value"),
-        "baseline": _num(b, "baseline"), "z": _num(b, "z"), "stored": now,
+        "first": first, "last": last, "count": count, "ts": _num(b, "ts"), "kind": kind,
+        "stored": now,
+    }  # fmt: skip
+    if kind == "zscore":
+        row |= {
+            "field": _str(b, "field"), "value": _num(b, "value"),
+            "baseline": _num(b, "baseline"), "z": _num(b, "z"),
+        }  # fmt: skip
+        return row
+    evidence = b.get("evidence")
+    if evidence is not None and not isinstance(evidence, bytes):
+        raise InvalidRecord("evidence must be bytes")
+    status = _str(b, "status")
+    if status not in ("normal", "warning"):
+        raise InvalidRecord("status must be normal or warning")
+    return row | {
+        "status": status, "score": _num(b, "score"), "threshold": _num(b, "threshold"),
+        "fault": _opt_str(b, "fault"), "confidence": _num(b, "confidence"),
+        "hours_to_failure": _num(b, "hours_to_failure"),
+        "recommendation": _opt_str(b, "recommendation") if b.get("recommendation") else None,
+        "escalated": _flag(b, "escalated"), "verdict_by": _opt_str(b, "verdict_by"),
+        "unconfirmed": _flag(b, "unconfirmed"), "model": _opt_str(b, "model"),
+        "evidence": evidence,
     }  # fmt: skip
 
 

@@ -5,18 +5,26 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from fogline.models.catalog import default_model_path
+
 from edge_agent.core import EdgeCore, Record, Rules
-from fogline.codec import decode
+from edge_agent.decisions import EscalationRules, ModelDecisions
+from edge_agent.models import ModelDetector
+from fogline.codec import Escalation, decode, encode_escalation
 from fogline.config import setting
 from fogline.custody import Outbox, SenderConfig, Uplink
 from fogline.db import connect, migrate, transaction
 from fogline.errors import DecodeError
+from fogline.models.loaded import load_model
 from fogline.service import Inbound, Service
 from fogline.topics import check_id
 
 log = logging.getLogger(__name__)
+
+MODEL_ROLES = ("anomaly", "classifier", "failure")
 
 _MIGRATIONS = [
     "CREATE TABLE devices (device TEXT PRIMARY KEY, expected INTEGER NOT NULL)",
@@ -35,10 +43,41 @@ class EdgeConfig(SenderConfig):
     )
     warmup_windows: int = setting(5, "Windows per device before decisions start.", minimum=1)
     summary_interval: float = setting(5.0, "Seconds between per-device summaries.", minimum=0.1)
+    detector: str = setting(
+        "models", "How windows are judged: TFLite models, or the z-score rule.",
+        choices=("models", "zscore"),
+    )  # fmt: skip
+    models_dir: str = setting(
+        "", "Folder with anomaly.tflite, classifier.tflite, failure.tflite ('' = built-in)."
+    )
+    confidence_threshold: float = setting(
+        0.85, "Classifier confidence below which a suspect window is escalated to the fog.",
+        minimum=0.0, maximum=1.0,
+    )  # fmt: skip
+    anomaly_threshold: float = setting(
+        0.0, "Anomaly score above which a window is a warning (0 = the model's own).", minimum=0.0
+    )
+    escalation_timeout: float = setting(
+        2.0, "Seconds to wait for the fog's verdict before deciding alone.", minimum=0.01
+    )
+    escalation_rate: float = setting(
+        20.0, "Escalations per second allowed on average (the fog's budget).", minimum=0.0
+    )
+    escalation_burst: float = setting(50.0, "Escalations allowed at once.", minimum=1.0)
+    train_share: float = setting(
+        0.01, "Share of normal windows sent to the fog as training samples.",
+        minimum=0.0, maximum=1.0,
+    )  # fmt: skip
 
     def validate(self) -> None:
         super().validate()
         check_id(self.fog_id, "fog_id")
+
+    def model_path(self, role: str) -> Path:
+        """Where the model for `role` (anomaly, classifier, failure) is read from."""
+        if self.models_dir:
+            return Path(self.models_dir) / f"{role}.tflite"
+        return default_model_path(role)
 
 
 class EdgeAgent(Service):
@@ -53,18 +92,27 @@ class EdgeAgent(Service):
         self.tele_prefix = self.topics.tele_sub(config.id)[: -len("+/tele")]
         self.ack_topic = self.topics.ack("edge", config.id)
         self.fog_status = self.topics.status("fog", config.fog_id)
+        self.reply_topic = self.topics.esc_reply(config.id)
+        self.decisions: ModelDecisions | None = None
 
     def on_start(self) -> None:
         self.db = connect(self.cfg.data_dir / f"edge-{self.cfg.id}" / "edge.db")
         migrate(self.db, "edge", _MIGRATIONS)
         expected = dict(self.db.execute("SELECT device, expected FROM devices").fetchall())
+        if self.cfg.detector == "models":
+            self.decisions = self._load_decisions()
+        window = self.cfg.window
+        if self.decisions is not None and self.decisions.detector.window is not None:
+            window = self.decisions.detector.window
+            if window != self.cfg.window:
+                log.info("windows of %d readings, as the models were trained", window)
         rules = Rules(
-            window=self.cfg.window,
+            window=window,
             z_threshold=self.cfg.z_threshold,
             warmup_windows=self.cfg.warmup_windows,
             summary_interval=self.cfg.summary_interval,
         )
-        self.core = EdgeCore(self.cfg.id, rules, expected)
+        self.core = EdgeCore(self.cfg.id, rules, expected, self.decisions)
         self.outbox = Outbox(self.db, stream=self.cfg.id, limits=self.cfg.outbox_limits())
         self.uplink = Uplink(
             self.outbox,
@@ -72,8 +120,39 @@ class EdgeAgent(Service):
             publish=lambda topic, payload: self.publish(topic, payload, qos=1),
         )
 
+    def _load_decisions(self) -> ModelDecisions:
+        models = {role: load_model(self.cfg.model_path(role)) for role in MODEL_ROLES}
+        for m in models.values():
+            log.info("model %s from %s", m.label, m.path)
+        detector = ModelDetector(
+            models,
+            confidence_threshold=self.cfg.confidence_threshold,
+            anomaly_threshold=self.cfg.anomaly_threshold or None,
+        )
+        rules = EscalationRules(
+            timeout=self.cfg.escalation_timeout,
+            rate=self.cfg.escalation_rate,
+            burst=self.cfg.escalation_burst,
+            train_share=self.cfg.train_share,
+        )
+        return ModelDecisions(self.cfg.id, detector, rules)
+
+    def replace_model(self, role: str, path: Path) -> str:
+        """Load a model and use it from the next batch on; returns its `name@version`."""
+        if self.decisions is None:
+            raise ValueError("this edge decides with the z-score rule, not with models")
+        model = load_model(path)
+        self.decisions.detector.replace(role, model)
+        log.info("now using %s for %s", model.label, role)
+        return model.label
+
     def subscriptions(self) -> list[str]:
-        return [self.topics.tele_sub(self.cfg.id), self.ack_topic, self.fog_status]
+        return [
+            self.topics.tele_sub(self.cfg.id),
+            self.ack_topic,
+            self.fog_status,
+            self.reply_topic,
+        ]
 
     def accepts(self, topic: str) -> bool:
         # Once stopping, telemetry stays unacknowledged so the broker redelivers it later.
@@ -96,9 +175,33 @@ class EdgeAgent(Service):
                     self.uplink.on_receiver_status(decode(m.payload, expect="status").body)
                 except DecodeError as exc:
                     self.reject(exc.reason, m.topic, m.payload, exc.detail)
+            elif m.topic == self.reply_topic:
+                records += self._reply(m)
             else:
                 records += self._telemetry(m, now)
+        records += self._decide(now)
         self._commit(records, now)
+
+    def _reply(self, m: Inbound) -> list[Record]:
+        if self.decisions is None:
+            return []
+        try:
+            reply = decode(m.payload, expect="esc_reply").body
+        except DecodeError as exc:
+            self.reject(exc.reason, m.topic, m.payload, exc.detail)
+            return []
+        return self.decisions.on_reply(reply.id, reply.fault, reply.confidence, reply.model)
+
+    def _decide(self, now: float, *, final: bool = False) -> list[Record]:
+        """Score the windows that became ready (one batch), ask the fog where unsure."""
+        if self.decisions is None:
+            return []
+        records, requests = self.decisions.flush(now)
+        for r in requests:
+            esc = Escalation(r.id, r.device, r.first, r.last, r.fields, r.features)
+            payload = encode_escalation(self.cfg.id, esc, seq=self.next_seq(), ts=now)
+            self.publish(self.topics.esc(self.cfg.id), payload, qos=1)
+        return records + self.decisions.expire(now, everything=final)
 
     def _telemetry(self, m: Inbound, now: float) -> list[Record]:
         try:
@@ -136,14 +239,16 @@ class EdgeAgent(Service):
             self.counters[f"records.{kind}"] += 1
 
     def on_tick(self, now: float) -> None:
-        self._commit(self.core.due_summaries(now), now)
+        self._commit(self.core.due_summaries(now) + self._decide(now), now)
         for reason, n in self.outbox.enforce_bounds(now).items():
             self.counters[f"evicted.{reason}"] += n
         if self.connected.is_set():
             self.uplink.pump(now)
 
     def on_stopping(self) -> None:
-        self._commit(self.core.due_summaries(time.time(), force=True), time.time())
+        # Windows still waiting for the fog are decided alone (unconfirmed) before summaries close.
+        now = time.time()
+        self._commit(self._decide(now, final=True) + self.core.due_summaries(now, force=True), now)
 
     def drained(self) -> bool:
         return self.outbox.records == 0
@@ -159,6 +264,10 @@ class EdgeAgent(Service):
             "outbox_age": self.outbox.oldest_age(now),
             "acked": self.uplink.acked,
             **{f"core.{k}": v for k, v in self.core.stats.items()},
+            **{
+                f"decisions.{k}": v
+                for k, v in (self.decisions.stats if self.decisions else {}).items()
+            },
         }
 
     def on_stopped(self) -> None:

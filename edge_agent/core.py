@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.decisions import ModelDecisions, Window
 from fogline.codec import Telemetry
 
 Record = tuple[str, dict[str, Any]]
@@ -74,9 +75,17 @@ class DeviceState:
 class EdgeCore:
     """Turns telemetry into events, summaries and drop notices for one edge."""
 
-    def __init__(self, edge: str, rules: Rules, expected: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        edge: str,
+        rules: Rules,
+        expected: dict[str, int] | None = None,
+        decisions: ModelDecisions | None = None,
+    ) -> None:
         self.edge = edge
         self.rules = rules
+        #: Model-based decisions; windows the models cannot score use the z-score rule.
+        self.decisions = decisions
         self.devices: dict[str, DeviceState] = {
             d: DeviceState(expected=e) for d, e in (expected or {}).items()
         }
@@ -126,11 +135,17 @@ class EdgeCore:
             state.summary = _Summary(first=first, fields=tele.fields, t0=t0)
             state.summary_due = now + self.rules.summary_interval
         state.summary.add(values, t_last)
-        out += self._windows(tele.device, state, values, first, t_last)
+        out += self._windows(tele.device, state, values, first, t_last, tele.fields)
         return out
 
     def _windows(
-        self, device: str, state: DeviceState, values: np.ndarray, first: int, ts: float
+        self,
+        device: str,
+        state: DeviceState,
+        values: np.ndarray,
+        first: int,
+        ts: float,
+        fields: tuple[str, ...],
     ) -> list[Record]:
         out: list[Record] = []
         size = self.rules.window
@@ -144,9 +159,12 @@ class EdgeCore:
             pos += take
             if state.window_len == size:
                 win = np.concatenate(state.window)
-                event = self._decide(device, state, win, ts)
-                if event is not None:
-                    out.append(event)
+                if self.decisions is not None and self.decisions.accepts(fields):
+                    self.decisions.add(Window(device, state.window_first, win, fields, ts))
+                else:
+                    event = self._decide(device, state, win, ts)
+                    if event is not None:
+                        out.append(event)
                 state.window, state.window_len = [], 0
         return out
 

@@ -7,14 +7,27 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from fogline.models.catalog import default_model_path
+
 from fog_aggregator.core import rollup_body, split, tally
-from fogline.codec import Record, decode, encode_ack
+from fogline.codec import (
+    Escalation,
+    EscalationReply,
+    Record,
+    decode,
+    encode_ack,
+    encode_escalation_reply,
+)
 from fogline.config import setting
 from fogline.custody import Inbox, Outbox, SenderConfig, Uplink
 from fogline.db import connect, migrate, transaction
-from fogline.errors import DecodeError
+from fogline.errors import DecodeError, FoglineError
+from fogline.features import feature_names
+from fogline.models.loaded import LoadedModel, load_model
 from fogline.service import Inbound, Service
 from fogline.topics import check_id
 
@@ -32,6 +45,12 @@ _MIGRATIONS = [
         devices TEXT NOT NULL DEFAULT '[]'
     )
     """,
+    """
+    CREATE TABLE training (
+        edge TEXT NOT NULL, device TEXT NOT NULL, first INTEGER, last INTEGER,
+        label TEXT NOT NULL, features BLOB NOT NULL, received REAL NOT NULL
+    )
+    """,
 ]
 
 
@@ -45,6 +64,9 @@ class FogConfig(SenderConfig):
         ["+"], "Edges whose records this fog takes (ids, or + for every edge on the broker)."
     )
     rollup_interval: float = setting(10.0, "Seconds between per-site rollups.", minimum=0.1)
+    fog_model: str = setting(
+        "", "The classifier that answers escalations ('' = the built-in fog_classifier)."
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -78,10 +100,26 @@ class FogAggregator(Service):
             publish=lambda topic, payload: self.publish(topic, payload, qos=1),
         )
         self._next_rollup = time.time() + self.cfg.rollup_interval
+        self.model = self._load_model()
+
+    def _load_model(self) -> LoadedModel | None:
+        path = (
+            Path(self.cfg.fog_model) if self.cfg.fog_model else default_model_path("fog_classifier")
+        )
+        try:
+            model = load_model(path)
+        except (OSError, FoglineError) as exc:
+            log.error(
+                "cannot load the fog model %s (%s): escalations will go unanswered", path, exc
+            )
+            return None
+        log.info("answering escalations with %s", model.label)
+        return model
 
     def subscriptions(self) -> list[str]:
         ups = [self.topics.up("edge", e) for e in self.cfg.edges]
-        return [*ups, self.ack_topic, self.cloud_status]
+        escs = [self.topics.esc(e) for e in self.cfg.edges]
+        return [*ups, *escs, self.ack_topic, self.cloud_status]
 
     def accepts(self, topic: str) -> bool:
         # Once stopping, edge batches stay unacknowledged: the edges re-send them later.
@@ -93,9 +131,18 @@ class FogAggregator(Service):
     def handle(self, messages: list[Inbound]) -> None:
         now = time.time()
         batches = []
+        escalations = []
         for m in messages:
             try:
-                if m.topic == self.ack_topic:
+                if m.topic.endswith("/esc"):
+                    edge = self.topics.parse_esc(m.topic)
+                    env = decode(m.payload, expect="esc")
+                    if env.src != edge:
+                        raise DecodeError(
+                            "forged_source", f"escalation from {env.src!r} on {edge!r}'s topic"
+                        )
+                    escalations.append((m, edge, env.body))
+                elif m.topic == self.ack_topic:
                     self.uplink.on_ack(decode(m.payload, expect="ack").body)
                 elif m.topic == self.cloud_status:
                     self.uplink.on_receiver_status(decode(m.payload, expect="status").body)
@@ -111,18 +158,21 @@ class FogAggregator(Service):
                 self.reject(exc.reason, m.topic, m.payload, exc.detail)
         if batches:
             self._apply(batches, now)
+        if escalations:
+            self._escalations(escalations, now)
 
     def _apply(self, batches: list[Any], now: float) -> None:
         """Dedupe, forward and tally all batches in one transaction, then ack each sender."""
         fresh_by_edge: dict[str, list[Record]] = defaultdict(list)
         with transaction(self.db):
             for m, edge, batch in batches:
-                fresh, bad = split(self.inbox.accept(edge, batch))
+                fresh, kept, bad = split(self.inbox.accept(edge, batch))
                 for rec in bad:
                     self.reject(
                         "unknown_record_kind", m.topic, m.payload, f"record kind {rec.kind!r}"
                     )
                 fresh_by_edge[edge] += fresh
+                self._keep_training(edge, kept, now)
             forwarded = [(r.kind, r.body) for recs in fresh_by_edge.values() for r in recs]
             self.outbox.put(forwarded, now)
             for edge, t in tally(fresh_by_edge).items():
@@ -146,6 +196,63 @@ class FogAggregator(Service):
             ack = self.inbox.ack(edge)
             payload = encode_ack(self.cfg.id, ack, seq=self.next_seq(), ts=now)
             self.publish(self.topics.ack("edge", edge), payload, qos=1)
+
+    def _keep_training(self, edge: str, records: list[Record], now: float) -> None:
+        """Store training samples for regional retraining (inside the apply transaction)."""
+        rows = []
+        for rec in records:
+            b = rec.body
+            features, label = b.get("features"), b.get("label")
+            if not isinstance(features, bytes) or not isinstance(label, str):
+                self.counters["rejected.bad_training_sample"] += 1
+                continue
+            rows.append(
+                (
+                    edge,
+                    str(b.get("device", "")),
+                    b.get("first"),
+                    b.get("last"),
+                    label,
+                    features,
+                    now,
+                )
+            )
+        self.db.executemany(
+            "INSERT INTO training(edge, device, first, last, label, features, received)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        self.counters["training_samples"] += len(rows)
+
+    def _escalations(self, requests: list[tuple[Inbound, str, Escalation]], now: float) -> None:
+        """Answer escalations with the fog's larger model: one batch for all of them."""
+        if self.model is None:
+            self.counters["escalations.unanswered"] += len(requests)
+            return
+        answerable = []
+        for m, edge, esc in requests:
+            cols = self._columns(esc.fields)
+            if cols is None:
+                self.reject("unknown_features", m.topic, m.payload, f"fields {list(esc.fields)}")
+                continue
+            answerable.append((edge, esc, esc.features.astype(np.float64)[cols]))
+        if not answerable:
+            return
+        probs = self.model.run(np.stack([x for _, _, x in answerable]))
+        classes = self.model.meta["class_names"]
+        for (edge, esc, _), p in zip(answerable, probs, strict=True):
+            k = int(np.argmax(p))
+            reply = EscalationReply(esc.id, classes[k], float(p[k]), self.model.label)
+            payload = encode_escalation_reply(self.cfg.id, reply, seq=self.next_seq(), ts=now)
+            self.publish(self.topics.esc_reply(edge), payload, qos=1)
+        self.counters["escalations.answered"] += len(answerable)
+
+    def _columns(self, fields: tuple[str, ...]) -> np.ndarray | None:
+        assert self.model is not None
+        names = feature_names(fields)
+        if not all(f in names for f in self.model.features):
+            return None
+        return np.array([names.index(f) for f in self.model.features])
 
     def _rollups(self, now: float) -> None:
         with transaction(self.db):

@@ -9,6 +9,8 @@ from typing import Any
 from fogline.codec import Record
 
 FORWARDED_KINDS = frozenset(("summary", "event", "drop"))
+#: Records the fog keeps for itself: raw training samples stay in the region.
+KEPT_KINDS = frozenset(("train",))
 
 
 @dataclass(slots=True)
@@ -39,11 +41,12 @@ class SiteTally:
             self.devices.add(device)
 
 
-def split(records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """Separate forwardable records from records of unknown kind."""
+def split(records: list[Record]) -> tuple[list[Record], list[Record], list[Record]]:
+    """Separate records to forward, records to keep at the fog, and records of unknown kind."""
     ok = [r for r in records if r.kind in FORWARDED_KINDS]
-    bad = [r for r in records if r.kind not in FORWARDED_KINDS]
-    return ok, bad
+    kept = [r for r in records if r.kind in KEPT_KINDS]
+    bad = [r for r in records if r.kind not in FORWARDED_KINDS | KEPT_KINDS]
+    return ok, kept, bad
 
 
 def tally(by_site: dict[str, list[Record]]) -> dict[str, SiteTally]:

@@ -14,6 +14,8 @@ from pathlib import Path
 from fogline import __version__, simulate, up
 from fogline.broker import Broker
 from fogline.errors import FoglineError
+from fogline.models import build as models_build
+from fogline.models import inspect as models_inspect
 from fogline.report import build_report, format_report
 
 
@@ -94,6 +96,32 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     s.set_defaults(func=_broker)
+
+    s = sub.add_parser(
+        "models",
+        help="build the edge and fog models, or inspect a .tflite file",
+        description="Train the anomaly, classifier, failure and fog_classifier models from a "
+        "scenario's simulated fleet and write them as .tflite (build), or show what a .tflite "
+        "file holds (inspect).",
+    )
+    models = s.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    m = models.add_parser(
+        "build",
+        help="train and write the four models, reproducibly from a seed",
+        description="Export labelled windows of the scenario's fleet, split the devices "
+        "70/15/15, train the four models, check the numpy executor against the runtime, "
+        "validate and write <name>.tflite with metadata. Exit status 1 when a gate refuses.",
+    )
+    models_build.add_arguments(m)
+    m.set_defaults(func=models_build.run)
+    m = models.add_parser(
+        "inspect",
+        help="show ops, tensors, quantisation, signatures and metadata of a .tflite file",
+        description="Validate a .tflite file and print what it holds. Exit status 2 when the "
+        "validator rejects it, with the reason.",
+    )
+    models_inspect.add_arguments(m)
+    m.set_defaults(func=models_inspect.run)
     return p
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from fogline.errors import DecodeError
 
 VERSION = 1
-KINDS = ("tele", "batch", "ack", "status", "metrics", "dlq")
+KINDS = ("tele", "batch", "ack", "status", "metrics", "dlq", "esc", "esc_reply")
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_SAMPLES = 100_000
 MAX_FIELDS = 64
@@ -81,6 +81,28 @@ class Ack:
 
 
 @dataclass(frozen=True, slots=True)
+class Escalation:
+    """An edge asks the fog for a verdict on one window; `features` as `feature_names(fields)`."""
+
+    id: str
+    device: str
+    first: int
+    last: int
+    fields: tuple[str, ...]
+    features: np.ndarray  # float32, 4 * len(fields)
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationReply:
+    """The fog's verdict on an escalated window, correlated by `id`."""
+
+    id: str
+    fault: str
+    confidence: float
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     """The common wrapper of every message."""
 
@@ -127,6 +149,30 @@ def encode_ack(src: str, ack: Ack, *, seq: int, ts: float) -> bytes:
     """Encode an acknowledgement sent by the receiver `src`."""
     body = {"stream": ack.stream, "hwm": ack.hwm, "ranges": [list(r) for r in ack.ranges]}
     return _pack("ack", src, seq, ts, body)
+
+
+def encode_escalation(src: str, esc: Escalation, *, seq: int, ts: float) -> bytes:
+    """Encode an escalation request from edge `src`."""
+    body = {
+        "id": esc.id,
+        "device": esc.device,
+        "first": esc.first,
+        "last": esc.last,
+        "fields": list(esc.fields),
+        "features": np.ascontiguousarray(esc.features, dtype="<f4").tobytes(),
+    }
+    return _pack("esc", src, seq, ts, body)
+
+
+def encode_escalation_reply(src: str, reply: EscalationReply, *, seq: int, ts: float) -> bytes:
+    """Encode the fog `src`'s verdict on an escalation."""
+    body = {
+        "id": reply.id,
+        "fault": reply.fault,
+        "confidence": reply.confidence,
+        "model": reply.model,
+    }
+    return _pack("esc_reply", src, seq, ts, body)
 
 
 def encode_plain(kind: str, src: str, body: dict[str, Any], *, seq: int, ts: float) -> bytes:
@@ -261,6 +307,36 @@ def _ack(body: Any, src: str) -> Ack:
     return Ack(stream=body["stream"], hwm=body["hwm"], ranges=tuple(out))
 
 
+def _escalation(body: Any, src: str) -> Escalation:
+    keys = {"id", "device", "first", "last", "fields", "features"}
+    _expect(isinstance(body, dict) and set(body) == keys, "wrong_type", "escalation keys")
+    _expect(isinstance(body["id"], str) and 0 < len(body["id"]) <= 200, "wrong_type", "id")
+    _expect(_is_id(body["device"]), "wrong_type", "device")
+    first, last = body["first"], body["last"]
+    ok = _is_int(first) and _is_int(last) and 0 <= first <= last
+    _expect(ok, "wrong_type", "first/last")
+    fields = body["fields"]
+    _expect(isinstance(fields, list) and 0 < len(fields) <= MAX_FIELDS, "wrong_type", "fields")
+    _expect(all(isinstance(f, str) and 0 < len(f) <= 64 for f in fields), "wrong_type", "fields")
+    data = body["features"]
+    _expect(isinstance(data, bytes), "wrong_type", "features is not bytes")
+    _expect(len(data) == 16 * len(fields), "bad_length", f"{len(data)} feature bytes")
+    features = np.frombuffer(data, dtype="<f4")
+    _expect(bool(np.isfinite(features).all()), "non_finite", "features")
+    return Escalation(body["id"], body["device"], first, last, tuple(fields), features)
+
+
+def _escalation_reply(body: Any, src: str) -> EscalationReply:
+    keys = {"id", "fault", "confidence", "model"}
+    _expect(isinstance(body, dict) and set(body) == keys, "wrong_type", "reply keys")
+    _expect(isinstance(body["id"], str) and 0 < len(body["id"]) <= 200, "wrong_type", "id")
+    _expect(isinstance(body["fault"], str) and 0 < len(body["fault"]) <= 32, "wrong_type", "fault")
+    conf = body["confidence"]
+    _expect(_is_num(conf) and 0.0 <= conf <= 1.0, "wrong_type", "confidence")
+    _expect(isinstance(body["model"], str) and len(body["model"]) <= 64, "wrong_type", "model")
+    return EscalationReply(body["id"], body["fault"], float(conf), body["model"])
+
+
 def _plain(body: Any, src: str) -> dict[str, Any]:
     _expect(isinstance(body, dict), "wrong_type", "body is not a map")
     return body
@@ -273,4 +349,6 @@ _BODY_DECODERS = {
     "status": _plain,
     "metrics": _plain,
     "dlq": _plain,
+    "esc": _escalation,
+    "esc_reply": _escalation_reply,
 }

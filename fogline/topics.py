@@ -71,6 +71,18 @@ class Topics:
         """Escalation requests of an edge."""
         return f"{self.root}/edge/{edge}/esc"
 
+    def esc_sub(self) -> str:
+        """Subscription for escalation requests of every edge."""
+        return f"{self.root}/edge/+/esc"
+
+    def parse_esc(self, topic: str) -> str:
+        """Return the edge id of an escalation topic, or raise DecodeError."""
+        prefix = f"{self.root}/edge/"
+        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+        if len(parts) != 2 or parts[1] != "esc" or not _ID.fullmatch(parts[0]):
+            raise DecodeError("bad_topic", f"not an escalation topic: {topic!r}")
+        return parts[0]
+
     def esc_reply(self, edge: str) -> str:
         """Escalation replies to an edge."""
         return f"{self.root}/edge/{edge}/esc/reply"

@@ -57,3 +57,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         have "$tool" || die "$tool is still missing after apt-get install; check the apt output above"
     done
 fi
+
+# --- tflite-runtime 2.14 (numpy < 2) in .venv-legacy, for the cross-runtime model test --------
+# Never fails the set-up: without a wheel for this machine the test skips and says why.
+bash scripts/setup-legacy.sh

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from cloud_sink import store as store_module
 from cloud_sink.store import Store
 from fogline.codec import Batch, Record
 
@@ -280,7 +281,7 @@ def test_the_schema_and_the_data_survive_reopening(path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         versions = dict(conn.execute("SELECT component, version FROM schema_migrations"))
-        assert versions["cloud"] == 1
+        assert versions["cloud"] == len(store_module._MIGRATIONS)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"summaries", "events", "drops", "drop_ranges", "rollups", "rejected"} <= tables
     finally:

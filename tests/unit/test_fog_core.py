@@ -62,11 +62,13 @@ def test_split_keeps_forwardable_records_in_order_and_separates_unknown_kinds() 
         _drop(3, [["d0", 10, 19]]),
         Record(seq=4, kind="rollup", body={}),
         Record(seq=5, kind="", body={}),
+        Record(seq=6, kind="train", body={}),
     ]
-    ok, bad = split(recs)
+    ok, kept, bad = split(recs)
     assert [r.seq for r in ok] == [0, 2, 3]
+    assert [r.seq for r in kept] == [6]
     assert [r.seq for r in bad] == [1, 4, 5]
-    assert split([]) == ([], [])
+    assert split([]) == ([], [], [])
 
 
 def test_tally_counts_readings_summaries_events_dropped_readings_and_devices() -> None:

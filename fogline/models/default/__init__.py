@@ -1,0 +1,1 @@
+"""The shipped default models (`<name>.tflite`), built by `fogline models build`."""
