@@ -64,7 +64,8 @@ _MIGRATIONS = [
     ALTER TABLE events ADD COLUMN verdict_by TEXT;
     ALTER TABLE events ADD COLUMN unconfirmed INTEGER;
     ALTER TABLE events ADD COLUMN model TEXT;
-    ALTER TABLE events ADD COLUMN evidence BLOB
+    ALTER TABLE events ADD COLUMN evidence BLOB;
+    ALTER TABLE events ADD COLUMN repeats INTEGER
     """,
 ]
 
@@ -158,7 +159,7 @@ def _event(src: str, rec: Record, now: float) -> dict[str, Any]:
         "recommendation": _opt_str(b, "recommendation") if b.get("recommendation") else None,
         "escalated": _flag(b, "escalated"), "verdict_by": _opt_str(b, "verdict_by"),
         "unconfirmed": _flag(b, "unconfirmed"), "model": _opt_str(b, "model"),
-        "evidence": evidence,
+        "evidence": evidence, "repeats": _int(b, "repeats") if "repeats" in b else None,
     }  # fmt: skip
 
 

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fogline.models.catalog import default_model_path
-
 from edge_agent.core import EdgeCore, Record, Rules
 from edge_agent.decisions import EscalationRules, ModelDecisions
 from edge_agent.models import ModelDetector
@@ -18,6 +16,7 @@ from fogline.config import setting
 from fogline.custody import Outbox, SenderConfig, Uplink
 from fogline.db import connect, migrate, transaction
 from fogline.errors import DecodeError
+from fogline.models.catalog import default_model_path
 from fogline.models.loaded import load_model
 from fogline.service import Inbound, Service
 from fogline.topics import check_id
@@ -67,6 +66,15 @@ class EdgeConfig(SenderConfig):
     train_share: float = setting(
         0.01, "Share of normal windows sent to the fog as training samples.",
         minimum=0.0, maximum=1.0,
+    )  # fmt: skip
+
+    anomaly_persistence: int = setting(
+        2, "Consecutive anomalous windows before an anomaly score alone raises a warning.",
+        minimum=1,
+    )  # fmt: skip
+    event_holdoff: float = setting(
+        10.0, "Seconds during which a device's repeated warning is counted, not sent again.",
+        minimum=0.0,
     )  # fmt: skip
 
     def validate(self) -> None:
@@ -134,6 +142,8 @@ class EdgeAgent(Service):
             rate=self.cfg.escalation_rate,
             burst=self.cfg.escalation_burst,
             train_share=self.cfg.train_share,
+            holdoff=self.cfg.event_holdoff,
+            persistence=self.cfg.anomaly_persistence,
         )
         return ModelDecisions(self.cfg.id, detector, rules)
 
@@ -190,7 +200,9 @@ class EdgeAgent(Service):
         except DecodeError as exc:
             self.reject(exc.reason, m.topic, m.payload, exc.detail)
             return []
-        return self.decisions.on_reply(reply.id, reply.fault, reply.confidence, reply.model)
+        return self.decisions.on_reply(
+            reply.id, reply.fault, reply.confidence, reply.model, time.time()
+        )
 
     def _decide(self, now: float, *, final: bool = False) -> list[Record]:
         """Score the windows that became ready (one batch), ask the fog where unsure."""

@@ -29,6 +29,8 @@ class EscalationRules:
     rate: float = 20.0  # escalations per second on average (token bucket)
     burst: float = 50.0  # escalations allowed at once
     train_share: float = 0.01  # share of normal windows sent up as training samples
+    holdoff: float = 10.0  # seconds during which repeats of a device's warning are only counted
+    persistence: int = 2  # consecutive anomalous windows before a score-only warning counts
 
 
 @dataclass(slots=True)
@@ -76,6 +78,10 @@ class ModelDecisions:
     pending: list[Window] = field(default_factory=list)
     waiting: dict[str, _Waiting] = field(default_factory=dict)
     stats: Counter[str] = field(default_factory=Counter)
+    #: Per device: the fault of its last event, when it was sent, and repeats counted since.
+    last_event: dict[str, tuple[str | None, float, int]] = field(default_factory=dict)
+    #: Per device: how many windows in a row were anomalous.
+    streaks: dict[str, int] = field(default_factory=dict)
     _tokens: float = -1.0
     _refilled: float = 0.0
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -101,6 +107,8 @@ class ModelDecisions:
             self.stats["scored"] += len(windows)
             self.stats["batches"] += 1
             for w, v in zip(windows, verdicts, strict=True):
+                if self._held(w, v):
+                    continue
                 if v.uncertain:
                     if self._take_token(now):
                         request = self._escalate(w, v, now)
@@ -109,16 +117,23 @@ class ModelDecisions:
                     self.stats["over_budget"] += 1
                     if v.status == "warning":
                         records.append(
-                            self._event(w, v, by="edge", escalated=False, unconfirmed=True)
+                            self._event(w, v, by="edge", escalated=False, unconfirmed=True, now=now)
                         )
                     continue
                 if v.status == "warning":
-                    records.append(self._event(w, v, by="edge", escalated=False, unconfirmed=False))
+                    if not self._repeat(w.device, v.fault, now):
+                        records.append(
+                            self._event(
+                                w, v, by="edge", escalated=False, unconfirmed=False, now=now
+                            )
+                        )
                 elif self._sampled(w):
                     records.append(self._train(w, v))
         return records, requests
 
-    def on_reply(self, request_id: str, fault: str, confidence: float, model: str) -> list[Record]:
+    def on_reply(
+        self, request_id: str, fault: str, confidence: float, model: str, now: float
+    ) -> list[Record]:
         """The fog's verdict on an escalated window (unknown or late ids are ignored)."""
         waiting = self.waiting.pop(request_id, None)
         if waiting is None:
@@ -141,7 +156,9 @@ class ModelDecisions:
             features=v.features,
             uncertain=False,
         )
-        return [self._event(w, final, by="fog", escalated=True, unconfirmed=False, model=model)]
+        return [
+            self._event(w, final, by="fog", escalated=True, unconfirmed=False, now=now, model=model)
+        ]
 
     def expire(self, now: float, *, everything: bool = False) -> list[Record]:
         """Decide alone on escalations past their deadline (all of them with `everything`)."""
@@ -152,12 +169,42 @@ class ModelDecisions:
             if waiting.verdict.status == "warning":
                 out.append(
                     self._event(
-                        waiting.window, waiting.verdict, by="edge", escalated=True, unconfirmed=True
+                        waiting.window,
+                        waiting.verdict,
+                        by="edge",
+                        escalated=True,
+                        unconfirmed=True,
+                        now=now,
                     )
                 )
         return out
 
     # ---------------------------------------------------------------- helpers
+
+    def _held(self, w: Window, v: Verdict) -> bool:
+        """An anomaly score alone must persist for `persistence` windows before it counts.
+
+        A single anomalous window of a device whose classifier sees nothing is the typical false
+        alarm; a fault that develops stays anomalous. Confident fault classes are not held.
+        """
+        anomalous = v.score >= v.threshold
+        streak = self.streaks.get(w.device, 0) + 1 if anomalous else 0
+        self.streaks[w.device] = streak
+        score_only = v.fault == NORMAL or v.confidence < self.detector.confidence_threshold
+        if anomalous and score_only and streak < self.rules.persistence:
+            self.stats["held"] += 1
+            return True
+        return False
+
+    def _repeat(self, device: str, fault: str, now: float) -> bool:
+        """Whether a warning only repeats the device's last event (counted, not sent)."""
+        last = self.last_event.get(device)
+        fault_or_none = None if fault == NORMAL else fault
+        if last is None or last[0] != fault_or_none or now - last[1] >= self.rules.holdoff:
+            return False
+        self.last_event[device] = (last[0], last[1], last[2] + 1)
+        self.stats["repeats"] += 1
+        return True
 
     def _take_token(self, now: float) -> bool:
         if self._tokens < 0:
@@ -185,10 +232,21 @@ class ModelDecisions:
         return h < self.rules.train_share
 
     def _event(
-        self, w: Window, v: Verdict, *, by: str, escalated: bool, unconfirmed: bool, model: str = ""
+        self,
+        w: Window,
+        v: Verdict,
+        *,
+        by: str,
+        escalated: bool,
+        unconfirmed: bool,
+        now: float,
+        model: str = "",
     ) -> Record:
         self.stats["events"] += 1
         fault = None if v.fault == NORMAL else v.fault
+        previous = self.last_event.get(w.device)
+        repeats = previous[2] if previous is not None else 0
+        self.last_event[w.device] = (fault, now, 0)
         return (
             "event",
             {
@@ -199,6 +257,7 @@ class ModelDecisions:
                 "recommendation": v.recommendation, "escalated": escalated, "verdict_by": by,
                 "unconfirmed": unconfirmed,
                 "model": model or self.detector.models["classifier"].label,
+                "repeats": repeats,
                 "evidence": v.features.astype("<f4").tobytes(),
             },
         )  # fmt: skip

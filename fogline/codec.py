@@ -7,6 +7,7 @@ but `DecodeError`, whose `reason` is a short key used for counters and the dead-
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,10 +140,17 @@ def encode_telemetry(tele: Telemetry, *, seq: int, ts: float) -> bytes:
     return _pack("tele", tele.device, seq, ts, body)
 
 
-def encode_batch(src: str, batch: Batch, *, seq: int, ts: float) -> bytes:
-    """Encode custody records for the upstream hop."""
+def encode_batch(src: str, batch: Batch, *, seq: int, ts: float, compress: bool = True) -> bytes:
+    """Encode custody records for the upstream hop.
+
+    Compressed (the default), the records go as `zrecs`: zlib of their msgpack array. Records
+    of one batch repeat the same keys and field names, so this typically halves the bytes.
+    """
     recs = [[r.seq, r.kind, r.body] for r in batch.records]
-    return _pack("batch", src, seq, ts, {"low": batch.low, "recs": recs})
+    if not compress:
+        return _pack("batch", src, seq, ts, {"low": batch.low, "recs": recs})
+    packed = zlib.compress(msgpack.packb(recs, use_bin_type=True), 6)
+    return _pack("batch", src, seq, ts, {"low": batch.low, "zrecs": packed})
 
 
 def encode_ack(src: str, ack: Ack, *, seq: int, ts: float) -> bytes:
@@ -273,10 +281,27 @@ def _telemetry(body: Any, src: str) -> Telemetry:
     )
 
 
+def _inflate(data: Any) -> Any:
+    """Decompress and unpack `zrecs`, refusing more than MAX_MESSAGE_BYTES (no zip bombs)."""
+    _expect(isinstance(data, bytes), "wrong_type", "zrecs is not bytes")
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, MAX_MESSAGE_BYTES)
+    except zlib.error as exc:
+        raise DecodeError("malformed", f"zrecs: {exc}") from exc
+    _expect(not inflater.unconsumed_tail, "too_large", "zrecs inflates beyond the size limit")
+    _expect(inflater.eof, "truncated", "zrecs ends early")
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises several types on odd input, all mean "malformed"
+        raise DecodeError("malformed", f"zrecs msgpack: {type(exc).__name__}: {exc}") from exc
+
+
 def _batch(body: Any, src: str) -> Batch:
-    _expect(isinstance(body, dict) and set(body) == {"low", "recs"}, "wrong_type", "batch body")
+    ok = isinstance(body, dict) and set(body) in ({"low", "recs"}, {"low", "zrecs"})
+    _expect(ok, "wrong_type", "batch body")
     _expect(_is_int(body["low"]) and body["low"] >= 0, "wrong_type", "low")
-    recs = body["recs"]
+    recs = body["recs"] if "recs" in body else _inflate(body["zrecs"])
     _expect(isinstance(recs, list) and len(recs) <= MAX_RECORDS, "wrong_type", "recs")
     out = []
     for r in recs:

@@ -34,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, help="override the scenario's wall-clock seconds")
     p.add_argument("--devices", type=int, help="override the scenario's number of devices")
     p.add_argument(
+        "--detector", choices=("models", "zscore"),
+        help="override how the edges judge windows (default: the scenario's, else models)",
+    )  # fmt: skip
+    p.add_argument(
         "--export-windows", type=Path, metavar="FILE",
         help="write labelled windows (features, fault kind, hours to failure) of the scenario's "
         "fleet to FILE (.npz) instead of running the pipeline",
@@ -50,6 +54,8 @@ def _scenario(args: argparse.Namespace) -> Scenario:
         changes["duration"] = args.duration
     if args.devices is not None:
         changes["devices"] = args.devices
+    if args.detector is not None:
+        changes["edge"] = {**sc.edge, "detector": args.detector}
     if changes:
         sc = Scenario(**{**sc.__dict__, **changes})
     return sc

@@ -422,3 +422,36 @@ def test_single_byte_mutations_only_ever_raise_decode_error() -> None:
         decoded += _decodes_or_decode_error(bytes(payload))
     # Some mutations (inside float data, say) leave a valid message: both outcomes occur.
     assert 0 < decoded < 2000
+
+
+def test_compressed_batches_round_trip_and_are_smaller() -> None:
+    body = {"edge": "e0", "device": "d1", "fields": ["vib_rms", "temp_motor"], "mean": [1.0, 2.0]}
+    batch = codec.Batch(
+        low=3, records=tuple(codec.Record(s, "summary", body) for s in range(3, 60))
+    )
+    packed = codec.encode_batch("e0", batch, seq=1, ts=1.0)
+    plain = codec.encode_batch("e0", batch, seq=1, ts=1.0, compress=False)
+    assert len(packed) < len(plain) / 3
+    for payload in (packed, plain):
+        assert codec.decode(payload, expect="batch").body == batch
+
+
+def _zbatch(zrecs: bytes) -> bytes:
+    env = {"v": 1, "kind": "batch", "src": "e0", "seq": 1, "ts": 1.0,
+           "body": {"low": 0, "zrecs": zrecs}}  # fmt: skip
+    return msgpack.packb(env, use_bin_type=True)
+
+
+def test_compressed_batches_refuse_bombs_and_damage() -> None:
+    import zlib
+
+    bomb = zlib.compress(msgpack.packb([[0, "summary", {"x": "a" * (9 * 1024 * 1024)}]]), 9)
+    assert len(bomb) < 100_000
+    with pytest.raises(codec.DecodeError) as err:
+        codec.decode(_zbatch(bomb))
+    assert err.value.reason == "too_large"
+    good = zlib.compress(msgpack.packb([[0, "summary", {}]]))
+    for damaged, reason in [(b"not zlib", "malformed"), (good[:-6], "truncated")]:
+        with pytest.raises(codec.DecodeError) as err:
+            codec.decode(_zbatch(damaged))
+        assert err.value.reason == reason

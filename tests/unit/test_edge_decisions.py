@@ -85,7 +85,7 @@ def test_normal_windows_raise_nothing_and_are_sampled_for_training(models: dict[
 
 
 def test_faulty_windows_are_warnings_with_class_hours_and_advice(models: dict[str, Path]) -> None:
-    d = _decisions(models, train_share=0.0)
+    d = _decisions(models, train_share=0.0, holdoff=0.0)
     _add(d, _windows(np.random.default_rng(6), 10, 6.0))
     records, requests = d.flush(200.0)
     assert requests == []
@@ -101,19 +101,19 @@ def test_faulty_windows_are_warnings_with_class_hours_and_advice(models: dict[st
 
 
 def test_unsure_windows_go_to_the_fog_and_its_verdict_is_used(models: dict[str, Path]) -> None:
-    d = _decisions(models, confidence_threshold=1.01, timeout=2.0, train_share=0.0)
+    d = _decisions(models, confidence_threshold=1.01, timeout=2.0, train_share=0.0, persistence=1)
     _add(d, _windows(np.random.default_rng(7), 3, 6.0))
     records, requests = d.flush(200.0)
     assert records == [] and len(requests) == 3
     assert requests[0].features.shape == (4 * len(FIELDS),)
-    answered = d.on_reply(requests[0].id, "bearing_wear", 0.97, "fog_classifier@1")
+    answered = d.on_reply(requests[0].id, "bearing_wear", 0.97, "fog_classifier@1", 200.5)
     assert len(answered) == 1
     e = answered[0][1]
     assert (e["verdict_by"], e["escalated"], e["unconfirmed"]) == ("fog", True, False)
     assert e["confidence"] == 0.97 and e["model"] == "fog_classifier@1"
     # The same reply again, or one for an unknown id, changes nothing.
-    assert d.on_reply(requests[0].id, "bearing_wear", 0.97, "x") == []
-    assert d.on_reply("nope", "normal", 0.5, "x") == []
+    assert d.on_reply(requests[0].id, "bearing_wear", 0.97, "x", 200.6) == []
+    assert d.on_reply("nope", "normal", 0.5, "x", 200.7) == []
     # No answer before the deadline: the edge decides alone, unconfirmed.
     assert d.expire(201.0) == []
     late = d.expire(202.5)
@@ -123,7 +123,9 @@ def test_unsure_windows_go_to_the_fog_and_its_verdict_is_used(models: dict[str, 
 
 
 def test_escalation_budget_protects_the_fog(models: dict[str, Path]) -> None:
-    d = _decisions(models, confidence_threshold=1.01, rate=0.0, burst=2.0, train_share=0.0)
+    d = _decisions(
+        models, confidence_threshold=1.01, rate=0.0, burst=2.0, train_share=0.0, persistence=1
+    )
     _add(d, _windows(np.random.default_rng(8), 5, 6.0))
     records, requests = d.flush(200.0)
     assert len(requests) == 2
@@ -138,3 +140,30 @@ def test_a_replaced_model_is_used_from_the_next_batch(models: dict[str, Path]) -
     _add(d, _windows(np.random.default_rng(9), 2, 6.0))
     records, _ = d.flush(200.0)
     assert all(b["model"] == "classifier@1" for _, b in records)
+
+
+def test_repeated_warnings_of_a_device_are_counted_not_resent(models: dict[str, Path]) -> None:
+    d = _decisions(models, train_share=0.0, holdoff=10.0)
+    _add(d, _windows(np.random.default_rng(10), 10, 6.0))
+    _add(d, _windows(np.random.default_rng(11), 2, 6.0), device="d2")
+    records, _ = d.flush(200.0)
+    events = [b for k, b in records if k == "event"]
+    assert [e["device"] for e in events] == ["d1", "d2"]
+    assert d.stats["repeats"] == 9 + 1
+    # After the hold-off the next warning goes up again, saying how many it stood for.
+    _add(d, _windows(np.random.default_rng(12), 1, 6.0))
+    later, _ = d.flush(211.0)
+    assert [b["repeats"] for k, b in later if k == "event"] == [9]
+
+
+def test_a_lone_anomalous_window_is_held_until_the_anomaly_persists(
+    models: dict[str, Path],
+) -> None:
+    # With no confident class, only the anomaly score speaks: one window is not enough.
+    d = _decisions(models, confidence_threshold=1.01, train_share=0.0, persistence=2)
+    _add(d, _windows(np.random.default_rng(13), 1, 6.0), device="d3")
+    assert d.flush(200.0) == ([], [])
+    assert d.stats["held"] == 1
+    _add(d, _windows(np.random.default_rng(14), 1, 6.0), device="d3")
+    _, requests = d.flush(201.0)
+    assert len(requests) == 1  # the second anomalous window in a row counts
