@@ -7,8 +7,12 @@ float16 / int8 cost in size and accuracy against float32, on the factory test sp
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +26,51 @@ from fogline.scenario import load
 
 BATCHES = (1, 32, 256)
 SEED = build.DEFAULT_SEED
+LEGACY_PYTHON = Path(__file__).resolve().parents[1] / ".venv-legacy" / "bin" / "python"
+# Runs in the tflite-runtime 2.14 environment (numpy < 2): only numpy and tflite_runtime.
+_LEGACY_TIMER = """
+import json, statistics, sys, time
+import numpy as np
+from tflite_runtime.interpreter import Interpreter
+model, inputs, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+x_all = np.load(inputs)
+it = Interpreter(model_path=model, num_threads=1)
+inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+result = {}
+for batch in (1, 32, 256):
+    x = np.ascontiguousarray(x_all[:batch], dtype=np.float32)
+    it.resize_tensor_input(inp, list(x.shape))
+    it.allocate_tensors()
+    def run():
+        it.set_tensor(inp, x)
+        it.invoke()
+        return it.get_tensor(out)
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    result[batch] = statistics.median(times) / len(x) * 1e6
+print(json.dumps(result))
+"""
+
+
+def _legacy_us_per_window(data: bytes, x: np.ndarray, repeats: int) -> dict[int, float] | None:
+    """Time the same file under tflite-runtime 2.14 (None when .venv-legacy is not set up)."""
+    if not LEGACY_PYTHON.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        model, inputs = Path(tmp) / "m.tflite", Path(tmp) / "x.npy"
+        model.write_bytes(data)
+        np.save(inputs, np.asarray(x, dtype=np.float32))
+        proc = subprocess.run(
+            [str(LEGACY_PYTHON), "-I", "-c", _LEGACY_TIMER, str(model), str(inputs), str(repeats)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        return None
+    return {int(k): float(v) for k, v in json.loads(proc.stdout).items()}
 
 
 def _median_us_per_window(fn: Any, x: np.ndarray, repeats: int) -> float:
@@ -79,6 +128,9 @@ def run(quick: bool) -> dict[str, Any]:
                     timing["numpy"][batch] = _median_us_per_window(
                         lambda v, p=parsed: execute(p, v), x, repeats
                     )
+                legacy = _legacy_us_per_window(b.data, x_all[: max(BATCHES)], repeats)
+                if legacy is not None:
+                    timing["tflite-runtime 2.14"] = legacy
                 models.append(
                     {
                         "model": name,
@@ -116,9 +168,10 @@ def render(res: dict[str, Any], command: str) -> str:
         f"figures on the test split ({res['test_windows']:,} windows); times are the median of "
         f"{res['repeats']} runs, one thread, in microseconds per window.",
         "",
-        "| model | flavour | bytes | litert b1 | litert b32 | litert b256 | numpy b1 | numpy b32 "
-        "| numpy b256 | test figures | delta vs float32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| model | flavour | bytes | litert b1 | litert b32 | litert b256 | tflite-runtime b1 "
+        "| tflite-runtime b32 | tflite-runtime b256 | numpy b1 | numpy b32 | numpy b256 "
+        "| test figures | delta vs float32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for m in res["models"]:
         t = m["us_per_window"]
@@ -129,6 +182,10 @@ def render(res: dict[str, Any], command: str) -> str:
             m["flavour"],
             f"{m['bytes']:,}",
             *(f"{t['litert'][b]:.2f}" for b in BATCHES),
+            *(
+                f"{t['tflite-runtime 2.14'][b]:.2f}" if "tflite-runtime 2.14" in t else "-"
+                for b in BATCHES
+            ),
             *(f"{t['numpy'][b]:.2f}" for b in BATCHES),
             figures,
             "-" if m["flavour"] == "float32" else delta,
