@@ -1,4 +1,4 @@
-"""`cloud-sink`: run a cloud sink."""
+"""`cloud-sink`: run one cloud-sink process."""
 
 from __future__ import annotations
 
@@ -6,21 +6,15 @@ import sys
 from collections.abc import Sequence
 
 from cloud_sink.sink import CloudSink, SinkConfig
-from fogline.config import parse
-from fogline.service import setup_logging
+from fogline.service import main as run_service
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cloud-sink` command."""
-    cfg = parse(
-        SinkConfig,
-        argv,
-        prog="cloud-sink",
+    return run_service(
+        CloudSink, SinkConfig, argv, prog="cloud-sink",
         description="Cloud sink: stores every record from the fog in SQLite, exactly once.",
-        section="cloud-sink",
-    )
-    setup_logging(cfg.log_level)
-    return CloudSink(cfg).run()
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`device-sim`: run simulated devices that publish telemetry."""
+"""`device-sim`: run one device-sim process."""
 
 from __future__ import annotations
 
@@ -6,21 +6,15 @@ import sys
 from collections.abc import Sequence
 
 from device_sim.sim import DeviceSim, SimConfig
-from fogline.config import parse
-from fogline.service import setup_logging
+from fogline.service import main as run_service
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `device-sim` command."""
-    cfg = parse(
-        SimConfig,
-        argv,
-        prog="device-sim",
+    return run_service(
+        DeviceSim, SimConfig, argv, prog="device-sim",
         description="Simulated machines publishing packed telemetry batches over MQTT.",
-        section="device-sim",
-    )
-    setup_logging(cfg.log_level)
-    return DeviceSim(cfg).run()
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

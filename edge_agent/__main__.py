@@ -1,4 +1,4 @@
-"""`edge-agent`: run an edge agent."""
+"""`edge-agent`: run one edge-agent process."""
 
 from __future__ import annotations
 
@@ -6,21 +6,15 @@ import sys
 from collections.abc import Sequence
 
 from edge_agent.agent import EdgeAgent, EdgeConfig
-from fogline.config import parse
-from fogline.service import setup_logging
+from fogline.service import main as run_service
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edge-agent` command."""
-    cfg = parse(
-        EdgeConfig,
-        argv,
-        prog="edge-agent",
+    return run_service(
+        EdgeAgent, EdgeConfig, argv, prog="edge-agent",
         description="Edge agent: windows telemetry, decides per window, forwards what matters.",
-        section="edge-agent",
-    )
-    setup_logging(cfg.log_level)
-    return EdgeAgent(cfg).run()
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

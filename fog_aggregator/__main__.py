@@ -1,4 +1,4 @@
-"""`fog-aggregator`: run a fog aggregator."""
+"""`fog-aggregator`: run one fog-aggregator process."""
 
 from __future__ import annotations
 
@@ -6,21 +6,15 @@ import sys
 from collections.abc import Sequence
 
 from fog_aggregator.aggregator import FogAggregator, FogConfig
-from fogline.config import parse
-from fogline.service import setup_logging
+from fogline.service import main as run_service
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fog-aggregator` command."""
-    cfg = parse(
-        FogConfig,
-        argv,
-        prog="fog-aggregator",
+    return run_service(
+        FogAggregator, FogConfig, argv, prog="fog-aggregator",
         description="Fog aggregator: forwards edge records to the cloud, adds rollups.",
-        section="fog-aggregator",
-    )
-    setup_logging(cfg.log_level)
-    return FogAggregator(cfg).run()
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

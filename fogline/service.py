@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +25,7 @@ import paho.mqtt.client as mqtt
 
 from fogline import __version__
 from fogline.codec import encode_plain
-from fogline.config import ServiceConfig
+from fogline.config import ServiceConfig, parse
 from fogline.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -365,3 +365,17 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def main(
+    service: type[Service],
+    config: type[ServiceConfig],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+) -> int:
+    """The whole life of a process command: parse its config, log, run until stopped."""
+    cfg = parse(config, argv, prog=prog, description=description, section=prog)
+    setup_logging(cfg.log_level)
+    return service(cfg).run()
