@@ -154,7 +154,14 @@ class EdgeAgent(Service):
         model = load_model(path)
         self.decisions.detector.replace(role, model)
         log.info("now using %s for %s", model.label, role)
+        self.publish_status()
         return model.label
+
+    def status_extra(self) -> dict[str, Any]:
+        if self.decisions is None:
+            return {"detector": "zscore"}
+        models = self.decisions.detector.models
+        return {"detector": "models", "models": {role: m.label for role, m in models.items()}}
 
     def subscriptions(self) -> list[str]:
         return [

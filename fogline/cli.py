@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fogline import __version__, simulate, up
+from fogline import __version__, query, simulate, status, up
 from fogline.broker import Broker
 from fogline.errors import FoglineError
 from fogline.models import build as models_build
@@ -85,6 +85,26 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=_report)
+
+    s = sub.add_parser(
+        "status",
+        help="live dashboard of a running pipeline from its status and metrics topics",
+        description="Follow the retained status and the metrics of every process on a broker: "
+        "states, readings/s per layer, outbox backlog, rejects and drops, edge decisions. "
+        "--once --json prints one snapshot; exit status 2 when the broker cannot be reached.",
+    )
+    status.add_arguments(s)
+    s.set_defaults(func=status.run)
+
+    s = sub.add_parser(
+        "query",
+        help="query the cloud store of a data dir: at-risk, events, summaries, coverage, rollups",
+        description="Read-only queries over DATA_DIR/cloud-*/cloud.db, printed as an aligned "
+        "table, JSON or CSV. Exit status 2 when there is no data dir or cloud store, or a flag "
+        "is bad.",
+    )
+    query.add_arguments(s)
+    s.set_defaults(func=query.run)
 
     s = sub.add_parser(
         "broker",

@@ -129,6 +129,15 @@ class Service:
         """Gauges added to the periodic metrics message."""
         return {}
 
+    def status_extra(self) -> dict[str, Any]:
+        """Fields added to the retained `online` status (e.g. the models in use)."""
+        return {}
+
+    def publish_status(self) -> None:
+        """Publish the retained `online` status again (after what it describes changed)."""
+        status = self.topics.status(self.role, self.config.id)
+        self.publish(status, self._status_payload("online"), qos=1, retain=True)
+
     # ------------------------------------------------------------------ helpers for subclasses
 
     @property
@@ -184,6 +193,8 @@ class Service:
 
     def _status_payload(self, state: str) -> bytes:
         body = {"state": state, "pid": os.getpid(), "version": __version__, "started": self.started}
+        if state == "online":
+            body |= self.status_extra()
         return encode_plain("status", self.config.id, body, seq=0, ts=time.time())
 
     def _make_client(self) -> mqtt.Client:
