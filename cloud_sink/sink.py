@@ -11,6 +11,7 @@ from cloud_sink.store import STORE_FILE, Store
 from fogline.codec import Batch, decode, encode_ack
 from fogline.config import ServiceConfig, setting
 from fogline.errors import DecodeError
+from fogline.logs import log_records
 from fogline.service import Inbound, Service
 from fogline.topics import check_id
 
@@ -65,6 +66,9 @@ class CloudSink(Service):
         if not batches:
             return
         counts = self.store.apply(batches)
+        if log.isEnabledFor(logging.DEBUG):
+            # Redelivered records are in the batches too: they were committed the first time.
+            log_records(log, "committed", ((r.kind, r.body) for _, b in batches for r in b.records))
         for kind, n in counts.items():
             self.counters[f"stored.{kind}"] += n
         now = time.time()

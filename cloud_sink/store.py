@@ -76,8 +76,8 @@ class InvalidRecord(ValueError):
 
 def _int(body: dict[str, Any], key: str) -> int:
     v = body.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise InvalidRecord(f"{key} must be a natural number")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+        raise InvalidRecord(f"{key} must be a natural number below 2**63")
     return v
 
 
@@ -104,6 +104,43 @@ def _range(body: dict[str, Any]) -> tuple[int, int, int]:
     return first, last, count
 
 
+def _plain_list(key: str, v: Any) -> list[Any]:
+    """A list of strings or finite numbers (what summaries carry), else InvalidRecord."""
+    if not isinstance(v, list):
+        raise InvalidRecord(f"{key} must be a list")
+    for x in v:
+        ok = isinstance(x, str) or (
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+        )
+        if not ok:
+            raise InvalidRecord(f"{key} must hold strings or finite numbers")
+    return v
+
+
+def _counts(v: Any) -> dict[str, int]:
+    """A map of names to counts (a drop's `kinds`), else InvalidRecord."""
+    if not isinstance(v, dict) or not all(
+        isinstance(k, str) and isinstance(n, int) and not isinstance(n, bool) for k, n in v.items()
+    ):
+        raise InvalidRecord("kinds must map kind names to counts")
+    return v
+
+
+def _jsonable(obj: Any) -> Any:
+    """Any decoded msgpack value as JSON-ready data: bytes become hex, keys become strings."""
+    if isinstance(obj, dict):
+        return {
+            str(k) if not isinstance(k, bytes) else k.hex(): _jsonable(v) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    return obj
+
+
 def _summary(src: str, rec: Record, now: float) -> dict[str, Any]:
     b = rec.body
     first, last, count = _range(b)
@@ -113,7 +150,7 @@ def _summary(src: str, rec: Record, now: float) -> dict[str, Any]:
     return {
         "src": src, "seq": rec.seq, "edge": _str(b, "edge"), "device": _str(b, "device"),
         "first": first, "last": last, "count": count, "t0": _num(b, "t0"), "t1": _num(b, "t1"),
-        **{k: json.dumps(v) for k, v in lists.items()},
+        **{k: json.dumps(_plain_list(k, v)) for k, v in lists.items()},
         "events": _int(b, "events"), "stored": now,
     }  # fmt: skip
 
@@ -186,7 +223,7 @@ def _drop(src: str, rec: Record, now: float) -> tuple[dict[str, Any], list[dict[
         )
     row = {
         "src": src, "seq": rec.seq, "origin": _str(b, "origin"), "reason": reason,
-        "records": _int(b, "records"), "kinds": json.dumps(b.get("kinds") or {}),
+        "records": _int(b, "records"), "kinds": json.dumps(_counts(b.get("kinds") or {})),
         "ts": _num(b, "ts"), "stored": now,
     }  # fmt: skip
     return row, rows
@@ -238,7 +275,7 @@ class Store:
                             raise InvalidRecord(f"unknown record kind {rec.kind!r}")
                         counts[rec.kind] += 1
                     except InvalidRecord as exc:
-                        body = json.dumps(rec.body, default=repr)[:2000]
+                        body = json.dumps(_jsonable(rec.body))[:2000]
                         rows["rejected"].append(
                             {
                                 "src": stream,

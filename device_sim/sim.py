@@ -31,6 +31,9 @@ from fogline.service import Service
 
 log = logging.getLogger(__name__)
 
+#: Messages published but not yet acknowledged by the broker, at most (MQTT ids are 16-bit).
+MAX_UNACKED = 30_000
+
 DEFAULT_FAULTS = [
     "bearing_wear=0.03", "overheating=0.03", "imbalance=0.02", "sensor_stuck=0.01",
     "sensor_dropout=0.01", "sensor_spikes=0.01", "sensor_drift=0.01",
@@ -196,6 +199,12 @@ class DeviceSim(Service):
                 "cannot keep up: %d rounds behind (%.0f readings/s asked)", due, self.asked_rate
             )
         for _ in range(min(due, 2)):
+            self._forget_published()
+            if len(self._pending) + len(self.devices) > MAX_UNACKED:
+                # The broker is not keeping up: wait rather than queue without bound (MQTT has
+                # only 65,535 message ids). The rounds not produced show as lag, never as loss.
+                self.counters["backpressure_waits"] += 1
+                break
             self._round()
         self._forget_published()
 
@@ -228,7 +237,13 @@ class DeviceSim(Service):
         self.counters["bytes_out"] += sum(len(p) for p in payloads)
 
     def _forget_published(self) -> None:
-        while self._pending and self._pending[0].is_published():
+        while self._pending:
+            info = self._pending[0]
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                # Refused by the client: in the ledger but never sent; the edge reports the gap.
+                self.counters["publish_refused"] += 1
+            elif not info.is_published():
+                break
             self._pending.popleft()
 
     def drained(self) -> bool:

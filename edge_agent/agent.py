@@ -16,6 +16,7 @@ from fogline.config import setting
 from fogline.custody import Outbox, SenderConfig, Uplink
 from fogline.db import connect, migrate, transaction
 from fogline.errors import DecodeError
+from fogline.logs import log_records
 from fogline.models.catalog import default_model_path
 from fogline.models.loaded import load_model
 from fogline.service import Inbound, Service
@@ -215,7 +216,11 @@ class EdgeAgent(Service):
         """Score the windows that became ready (one batch), ask the fog where unsure."""
         if self.decisions is None:
             return []
+        scoring = bool(self.decisions.pending)
+        started = time.perf_counter()
         records, requests = self.decisions.flush(now)
+        if scoring:
+            self.observe_stage("score", time.perf_counter() - started)
         for r in requests:
             esc = Escalation(r.id, r.device, r.first, r.last, r.fields, r.features)
             payload = encode_escalation(self.cfg.id, esc, seq=self.next_seq(), ts=now)
@@ -256,13 +261,17 @@ class EdgeAgent(Service):
             )
         for kind, _ in records:
             self.counters[f"records.{kind}"] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log_records(log, "put", records)
 
     def on_tick(self, now: float) -> None:
         self._commit(self.core.due_summaries(now) + self._decide(now), now)
         for reason, n in self.outbox.enforce_bounds(now).items():
             self.counters[f"evicted.{reason}"] += n
         if self.connected.is_set():
-            self.uplink.pump(now)
+            batches = self.uplink.batches_sent
+            sent = self.uplink.pump(now)
+            self.observe_custody(self.uplink.batches_sent - batches, sent)
 
     def on_stopping(self) -> None:
         # Windows still waiting for the fog are decided alone (unconfirmed) before summaries close.

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fogline.models.catalog import default_model_path
 
 from fog_aggregator.core import rollup_body, split, tally
 from fogline.codec import (
@@ -27,6 +26,8 @@ from fogline.custody import Inbox, Outbox, SenderConfig, Uplink
 from fogline.db import connect, migrate, transaction
 from fogline.errors import DecodeError, FoglineError
 from fogline.features import feature_names
+from fogline.logs import log_records
+from fogline.models.catalog import default_model_path
 from fogline.models.loaded import LoadedModel, load_model
 from fogline.service import Inbound, Service
 from fogline.topics import check_id
@@ -172,7 +173,7 @@ class FogAggregator(Service):
                         "unknown_record_kind", m.topic, m.payload, f"record kind {rec.kind!r}"
                     )
                 fresh_by_edge[edge] += fresh
-                self._keep_training(edge, kept, now)
+                self._keep_training(m, edge, kept, now)
             forwarded = [(r.kind, r.body) for recs in fresh_by_edge.values() for r in recs]
             self.outbox.put(forwarded, now)
             for edge, t in tally(fresh_by_edge).items():
@@ -192,31 +193,33 @@ class FogAggregator(Service):
                     (edge, now, t.readings, t.summaries, t.events, t.dropped, json.dumps(devices)),
                 )
         self.counters["records_forwarded"] += len(forwarded)
+        if log.isEnabledFor(logging.DEBUG):
+            log_records(log, "forwarded", forwarded)
         for edge in {e for _, e, _ in batches}:
             ack = self.inbox.ack(edge)
             payload = encode_ack(self.cfg.id, ack, seq=self.next_seq(), ts=now)
             self.publish(self.topics.ack("edge", edge), payload, qos=1)
 
-    def _keep_training(self, edge: str, records: list[Record], now: float) -> None:
+    def _keep_training(self, m: Inbound, edge: str, records: list[Record], now: float) -> None:
         """Store training samples for regional retraining (inside the apply transaction)."""
         rows = []
         for rec in records:
             b = rec.body
-            features, label = b.get("features"), b.get("label")
-            if not isinstance(features, bytes) or not isinstance(label, str):
-                self.counters["rejected.bad_training_sample"] += 1
-                continue
-            rows.append(
-                (
-                    edge,
-                    str(b.get("device", "")),
-                    b.get("first"),
-                    b.get("last"),
-                    label,
-                    features,
-                    now,
-                )
+            row = (
+                edge, b.get("device"), b.get("first"), b.get("last"), b.get("label"),
+                b.get("features"), now,
+            )  # fmt: skip
+            valid = (
+                isinstance(row[1], str)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in row[2:4])
+                and isinstance(row[4], str)
+                and isinstance(row[5], bytes)
             )
+            if not valid:
+                detail = f"training sample {rec.seq} lacks device/first/last/label/features"
+                self.reject("bad_training_sample", m.topic, m.payload, detail)
+                continue
+            rows.append(row)
         self.db.executemany(
             "INSERT INTO training(edge, device, first, last, label, features, received)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -288,7 +291,9 @@ class FogAggregator(Service):
         for reason, n in self.outbox.enforce_bounds(now).items():
             self.counters[f"evicted.{reason}"] += n
         if self.connected.is_set():
-            self.uplink.pump(now)
+            batches = self.uplink.batches_sent
+            sent = self.uplink.pump(now)
+            self.observe_custody(self.uplink.batches_sent - batches, sent)
 
     def on_stopping(self) -> None:
         self._rollups(time.time())

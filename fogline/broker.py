@@ -15,11 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 
 from fogline.errors import FoglineError
+from fogline.topics import DEFAULT_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class Broker:
         self.log_path = self.data_dir / "mosquitto.log"
         self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        #: TLS and login of the readiness probe (set by `render` for the secure template).
+        self._probe_security: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -146,7 +149,7 @@ class Broker:
         tmpl_path = templates_dir() / f"{self.template}.conf.tmpl"
         if not tmpl_path.is_file():
             known = sorted(
-                p.name.removesuffix(".conf.tmpl") for p in tmpl_path.parent.glob("*.tmpl")
+                p.name.removesuffix(".conf.tmpl") for p in tmpl_path.parent.glob("*.conf.tmpl")
             )
             raise BrokerError(
                 f"broker template {tmpl_path} not found; use one of {known} as template="
@@ -159,6 +162,8 @@ class Broker:
             "log_file": str(self.log_path),
             "user": _current_user(),
         }
+        if self.template == "secure":
+            values = {**self._secure_values(), **values}
         try:
             text = string.Template(tmpl_path.read_text()).substitute(values)
         except KeyError as exc:
@@ -172,6 +177,48 @@ class Broker:
             ) from exc
         self.conf_path.write_text(text)
         return self.conf_path
+
+    def _secure_values(self) -> dict[str, str]:
+        """Write the password file and ACL of the secure template from `extra["keys_dir"]`.
+
+        Optional extras: `topic_root` (default `fl/v1`) and `broker_name` (default `broker`, the
+        credential whose certificate the broker serves and whose login its probe uses).
+        """
+        # Imported here: only the secure template needs cryptography.
+        from fogline import keys
+        from fogline.security import write_broker_files
+
+        if not self.extra.get("keys_dir"):
+            raise BrokerError('the secure template needs extra={"keys_dir": ...}')
+        folder = Path(self.extra["keys_dir"]).resolve()
+        name = self.extra.get("broker_name", keys.BROKER)
+        try:
+            me = keys.credential(folder, name)
+            creds = keys.credentials(folder)
+            acl_template = (templates_dir() / "acl.tmpl").read_text()
+            passwd, acl = write_broker_files(
+                creds,
+                self.data_dir,
+                acl_template=acl_template,
+                root=self.extra.get("topic_root", DEFAULT_ROOT),
+            )
+        except (FoglineError, OSError) as exc:
+            raise BrokerError(f"cannot prepare the secure broker from {folder}: {exc}") from exc
+        self._probe_security = {
+            "ca": folder / "ca.crt",
+            "cert": me.cert,
+            "key": me.key,
+            "username": me.name,
+            "password_file": me.password_file,
+        }
+        values = {
+            "cafile": str(folder / "ca.crt"),
+            "certfile": str(me.cert),
+            "keyfile": str(me.key),
+            "password_file": str(passwd),
+            "acl_file": str(acl),
+        }
+        return {k: v for k, v in values.items() if k not in self.extra}
 
     def start(self, timeout: float = 10.0) -> Broker:
         """Start mosquitto and wait until it accepts an MQTT connection; return self."""
@@ -307,6 +354,10 @@ class Broker:
         )
         client.on_connect = on_connect
         client.connect_timeout = timeout
+        if self._probe_security:
+            from fogline.security import apply_client_security
+
+            apply_client_security(client, **self._probe_security)
         try:
             client.connect(_probe_host(self.host), self.port, keepalive=10)
             end = time.monotonic() + timeout

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fogline import __version__, query, simulate, status, up
+from fogline import __version__, keys, query, serve, simulate, status, up
 from fogline.broker import Broker
 from fogline.errors import FoglineError
 from fogline.models import build as models_build
@@ -25,6 +25,11 @@ def _report(args: argparse.Namespace) -> int:
         return 2
     rep = build_report(args.data_dir)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    if args.html is not None:
+        from fogline.html_report import write_html  # matplotlib is loaded only when asked for
+
+        write_html(args.data_dir, args.html, report=rep)
+        print(f"fogline report: wrote {args.html}", file=sys.stderr)
     return 0 if rep["unaccounted"] == 0 else 1
 
 
@@ -84,6 +89,10 @@ def parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=Path(".fogline/data"), help="the deployment's data dir"
     )
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument(
+        "--html", type=Path, metavar="OUT", default=None,
+        help="also write a self-contained HTML page with figures to OUT",
+    )  # fmt: skip
     s.set_defaults(func=_report)
 
     s = sub.add_parser(
@@ -107,6 +116,17 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=query.run)
 
     s = sub.add_parser(
+        "serve",
+        help="browse the cloud store of a data dir in Datasette (read-only, loopback)",
+        description="Serve DATA_DIR/cloud-*/cloud.db with Datasette in immutable mode, with "
+        "table and column descriptions and canned queries (devices at risk, warnings of the "
+        "last hour, coverage per device, rollups per site). Ctrl-C stops it. Exit status 2 "
+        "for a non-loopback --host without --public, or no cloud store.",
+    )
+    serve.add_arguments(s)
+    s.set_defaults(func=serve.run)
+
+    s = sub.add_parser(
         "broker",
         help="run a Mosquitto from the mosquitto/ templates in the foreground",
         description="Render mosquitto/dev.conf.tmpl into DATA_DIR/broker and run it.",
@@ -116,6 +136,16 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     s.set_defaults(func=_broker)
+
+    s = sub.add_parser(
+        "keys",
+        help="make the project CA and issue TLS certificates, keys and passwords",
+        description="Manage the key folder of a deployment (default DATA_DIR/keys): init makes "
+        "the project CA and the root signing key, issue makes a certificate, key and password "
+        "for the broker or a process, list shows them with their expiry.",
+    )
+    keys.add_arguments(s)
+    s.set_defaults(func=keys.run)
 
     s = sub.add_parser(
         "models",

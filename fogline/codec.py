@@ -211,8 +211,23 @@ def _expect(cond: bool, reason: str, detail: str) -> None:
         raise DecodeError(reason, detail)
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer that fits SQLite and numpy (signed 64 bits); bools are not integers here."""
+    return isinstance(x, int) and not isinstance(x, bool) and -INT64_MAX - 1 <= x <= INT64_MAX
+
+
+def _ints_fit(obj: Any) -> bool:
+    """Whether every integer inside a decoded structure fits in signed 64 bits."""
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return -INT64_MAX - 1 <= obj <= INT64_MAX
+    if isinstance(obj, dict):
+        return all(_ints_fit(k) and _ints_fit(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(_ints_fit(v) for v in obj)
+    return True
 
 
 def _is_num(x: Any) -> bool:
@@ -312,6 +327,7 @@ def _batch(body: Any, src: str) -> Batch:
         _expect(_is_int(seq) and seq >= 0, "wrong_type", "record seq")
         _expect(isinstance(kind, str) and 0 < len(kind) <= 32, "wrong_type", "record kind")
         _expect(isinstance(rbody, dict), "wrong_type", "record body is not a map")
+        _expect(_ints_fit(rbody), "out_of_range", "an integer in a record exceeds 64 bits")
         out.append(Record(seq=seq, kind=kind, body=rbody))
     return Batch(low=body["low"], records=tuple(out))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import sys
 import tomllib
@@ -54,10 +55,75 @@ class ServiceConfig:
     log_level: str = setting(
         "INFO", "Logging level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
+    log_format: str = setting(
+        "text", "Log lines as plain text or as JSON objects.", choices=("text", "json")
+    )
+    metrics_port: int = setting(
+        0, "TCP port serving Prometheus /metrics (0 = off).", minimum=0, maximum=65535
+    )
+    metrics_host: str = setting("127.0.0.1", "Address /metrics listens on (loopback only).")
+    metrics_allow_remote: bool = setting(
+        False, "Let metrics_host be a non-loopback address (exposes /metrics to the network)."
+    )
+    tls_ca: str = setting("", "CA certificate that signs the broker's ('' = no TLS).")
+    tls_cert: str = setting("", "This client's certificate file, PEM ('' = none).")
+    tls_key: str = setting("", "This client's private key file, PEM ('' = none).")
+    username: str = setting("", "MQTT username ('' = anonymous).")
+    password_file: str = setting(
+        "", "File whose first line is the MQTT password (never give the password itself)."
+    )
 
     def validate(self) -> None:
         """Check cross-field rules; subclasses extend it."""
         check_id(self.id, "id")
+        if not (self.metrics_allow_remote or _is_loopback(self.metrics_host)):
+            raise ConfigError(
+                "metrics_host",
+                f"{self.metrics_host!r} is not a loopback address; /metrics has no"
+                " authentication, so set metrics_allow_remote = true"
+                " (--metrics-allow-remote) to serve it beyond this machine",
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_cert else "tls_cert"
+            raise ConfigError(missing, "tls_cert and tls_key go together")
+        if self.password_file and not self.username:
+            raise ConfigError("username", "password_file is set but username is empty")
+
+
+def check_startup(cfg: ServiceConfig) -> None:
+    """Refuse an unsafe start: remote broker without TLS or login, unreadable files, no data dir."""
+    for key in ("tls_ca", "tls_cert", "tls_key", "password_file"):
+        path = getattr(cfg, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(key, f"cannot read {path}")
+    if not _is_loopback(cfg.broker_host):
+        if not (cfg.tls_ca or cfg.tls_cert):
+            raise ConfigError(
+                "broker_host",
+                f"{cfg.broker_host!r} is not a loopback address: refusing to connect without TLS"
+                " (set tls_ca, and tls_cert and tls_key for a client certificate)",
+            )
+        if not cfg.username:
+            raise ConfigError(
+                "broker_host",
+                f"{cfg.broker_host!r} is not a loopback address: refusing to connect anonymously"
+                " (set username and password_file)",
+            )
+    existing = Path(cfg.data_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("data_dir", f"{cfg.data_dir} is not writable (checked {existing})")
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether `host` is `localhost` or a loopback address (IPv4 or IPv6)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:

@@ -14,19 +14,26 @@ import os
 import queue
 import random
 import signal
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import paho.mqtt.client as mqtt
 
 from fogline import __version__
 from fogline.codec import encode_plain
-from fogline.config import ServiceConfig, parse
+from fogline.config import ServiceConfig, check_startup, parse
+from fogline.errors import ConfigError, FoglineError
+from fogline.logs import setup_logging
+from fogline.security import apply_client_security
 from fogline.topics import Topics
+
+if TYPE_CHECKING:
+    from fogline.prometheus import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,8 @@ class Service:
         self._queue: queue.SimpleQueue[Inbound | Callable[[], None]] = queue.SimpleQueue()
         self._seq = 0
         self._ratelog = RateLimitedLog()
+        #: The Prometheus endpoint, while `metrics_port` is set and the process runs.
+        self.exporter: Exporter | None = None
         self.client = self._make_client()
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -189,6 +198,16 @@ class Service:
         """Run `fn` on the worker thread."""
         self._queue.put(fn)
 
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record the duration of one run of a stage (a no-op without `metrics_port`)."""
+        if self.exporter is not None:
+            self.exporter.observe_stage(stage, seconds)
+
+    def observe_custody(self, batches: int, records: int) -> None:
+        """Record custody batches published upstream (a no-op without `metrics_port`)."""
+        if self.exporter is not None and batches:
+            self.exporter.observe_custody(batches, records)
+
     # ------------------------------------------------------------------ the runtime
 
     def _status_payload(self, state: str) -> bytes:
@@ -207,6 +226,14 @@ class Service:
         )
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
+        cfg = self.config
+        try:
+            apply_client_security(
+                client, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key,
+                username=cfg.username, password_file=cfg.password_file,
+            )  # fmt: skip
+        except (FoglineError, OSError, ValueError) as exc:
+            raise ConfigError("tls", f"cannot set up TLS or the login: {exc}") from exc
         status = self.topics.status(self.role, self.config.id)
         client.will_set(status, self._status_payload("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -300,18 +327,25 @@ class Service:
         self.counters["messages_in"] += len(taken)
         self.counters["bytes_in"] += sum(len(m.payload) for m in taken)
         if taken:
+            started = time.perf_counter()
             self.handle(taken)
+            if self.exporter is not None:
+                self.exporter.observe_stage("handle", time.perf_counter() - started)
+                self.exporter.observe_inbound(len(taken))
         for m in taken:
             if m.qos > 0:
                 self.client.ack(m.mid, m.qos)
 
     def _publish_metrics(self) -> None:
+        uptime, counters, gauges = time.time() - self.started, dict(self.counters), self.metrics()
+        if self.exporter is not None:
+            self.exporter.update(counters, gauges, uptime)
         body = {
             "role": self.role,
             "id": self.config.id,
-            "uptime": time.time() - self.started,
-            "counters": dict(self.counters),
-            "gauges": self.metrics(),
+            "uptime": uptime,
+            "counters": counters,
+            "gauges": gauges,
         }
         topic = self.topics.metrics(self.role, self.config.id)
         self.publish(
@@ -324,6 +358,7 @@ class Service:
         """Run until stopped; returns the process exit status."""
         self._install_signals()
         self.on_start()
+        self._start_exporter()
         net = threading.Thread(target=self._network_loop, name=f"{self.role}-mqtt", daemon=True)
         net.start()
         log.info(
@@ -366,16 +401,27 @@ class Service:
             self._net_stop.set()
             self.client.disconnect()
             net.join(timeout=2.0)
+            if self.exporter is not None:
+                self.exporter.stop()
         log.info("%s %s stopped", self.role, self.config.id)
         return 0
 
+    def _start_exporter(self) -> None:
+        """Serve Prometheus `/metrics` when `metrics_port` is set."""
+        port = self.config.metrics_port
+        if not port:
+            return
+        # Imported here: processes without `metrics_port` do not load prometheus-client.
+        from fogline.prometheus import Exporter
 
-def setup_logging(level: str) -> None:
-    """Configure process logging once (timestamps, logger names)."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+        exporter = Exporter(self.role, self.config.id)
+        try:
+            exporter.start(self.config.metrics_host, port)
+        except OSError as exc:
+            # The pipeline matters more than its dashboard: run on, without /metrics.
+            log.error("cannot serve metrics on %s:%d: %s", self.config.metrics_host, port, exc)
+            return
+        self.exporter = exporter
 
 
 def main(
@@ -388,5 +434,11 @@ def main(
 ) -> int:
     """The whole life of a process command: parse its config, log, run until stopped."""
     cfg = parse(config, argv, prog=prog, description=description, section=prog)
-    setup_logging(cfg.log_level)
-    return service(cfg).run()
+    setup_logging(cfg.log_level, cfg.log_format, role=service.role, ident=cfg.id)
+    try:
+        check_startup(cfg)
+        process = service(cfg)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return process.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import shutil
@@ -14,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fogline import keys
 from fogline.broker import Broker
 from fogline.fleet import edge_ids
 from fogline.monitor import Monitor
 from fogline.report import build_report, format_report
+from fogline.security import apply_client_security, client_flags
 from fogline.supervisor import Supervisor
 from fogline.topics import Topics
 
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 SIM, FOG, CLOUD = "s0", "f0", "c0"
 CHILD_METRICS_INTERVAL = 0.5
 EDGE_CATCH_UP = 20.0
+MONITOR = "monitor-up"
+RENEW_BEFORE = dt.timedelta(days=1)
 
 
 def say(*parts: str, end: str = "\n") -> None:
@@ -66,6 +71,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--shutdown-timeout", type=float, default=15.0,
         help="seconds each layer may take to deliver what it holds when stopping (default: 15)",
     )  # fmt: skip
+    p.add_argument(
+        "--secure", action="store_true",
+        help="TLS broker with a password and ACL per process; keys in DATA_DIR/keys",
+    )  # fmt: skip
+
+
+def prepare_keys(folder: Path, names: list[str]) -> None:
+    """Make the CA if needed, and issue the broker and `names` unless valid for a day more."""
+    keys.init(folder)
+    soon = dt.datetime.now(dt.UTC) + RENEW_BEFORE
+    for name in [keys.BROKER, *names]:
+        role = keys.role_from_name(name)
+        try:
+            cred = keys.credential(folder, name)
+            if cred.role == role and cred.not_after > soon and cred.password_file.is_file():
+                continue
+        except keys.KeysError:
+            pass
+        keys.issue(folder, name, role=role)
+        log.info("issued %s (%s) in %s", name, role, folder)
 
 
 class Pipeline:
@@ -76,7 +101,18 @@ class Pipeline:
         self.data_dir: Path = args.data_dir.resolve()
         self.topics = Topics()
         self.edges = edge_ids(args.edges)
-        self.broker = Broker(data_dir=self.data_dir / "broker")
+        self.secure = bool(getattr(args, "secure", False))
+        self.keys_dir = self.data_dir / "keys"
+        if self.secure:
+            prepare_keys(self.keys_dir, [f"cloud-{CLOUD}", f"fog-{FOG}", f"device-sim-{SIM}",
+                                         *[f"edge-{e}" for e in self.edges], MONITOR])  # fmt: skip
+            self.broker = Broker(
+                data_dir=self.data_dir / "broker",
+                template="secure",
+                extra={"keys_dir": str(self.keys_dir), "topic_root": self.topics.root},
+            )
+        else:
+            self.broker = Broker(data_dir=self.data_dir / "broker")
         self.sup = Supervisor(run_dir=self.data_dir / "run", log_dir=self.data_dir / "logs")
         self.stop_requested = threading.Event()
         self.fast_stop = threading.Event()
@@ -90,8 +126,19 @@ class Pipeline:
             "--broker-port", str(self.broker.port), "--topic-root", self.topics.root,
             "--data-dir", str(self.data_dir),
             "--metrics-interval", str(CHILD_METRICS_INTERVAL),
-            "--shutdown-timeout", str(self.args.shutdown_timeout), *extra,
+            "--shutdown-timeout", str(self.args.shutdown_timeout), *self._login(module, ident),
+            *extra,
         ]  # fmt: skip
+
+    def _login(self, module: str, ident: str) -> list[str]:
+        """TLS and login flags of a process in secure mode (file paths, never a password)."""
+        if not self.secure:
+            return []
+        role = {"cloud_sink": "cloud", "fog_aggregator": "fog", "edge_agent": "edge"}.get(
+            module, "device-sim"
+        )
+        cred = keys.credential(self.keys_dir, f"{role}-{ident}")
+        return client_flags(cred, self.keys_dir / "ca.crt")
 
     def start(self) -> None:
         """Start the broker, then the layers from the cloud down."""
@@ -99,9 +146,14 @@ class Pipeline:
         (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
         (self.data_dir / "run" / "broker.pid").write_text(f"{self.broker.pid}\n")
         (self.data_dir / "run" / "broker.port").write_text(f"{self.broker.port}\n")
-        self.monitor = Monitor(
-            host=self.broker.host, port=self.broker.port, topics=self.topics
-        ).start()
+        monitor = Monitor(host=self.broker.host, port=self.broker.port, topics=self.topics)
+        if self.secure:
+            me = keys.credential(self.keys_dir, MONITOR)
+            apply_client_security(
+                monitor.client, ca=self.keys_dir / "ca.crt", cert=me.cert, key=me.key,
+                username=me.name, password_file=me.password_file,
+            )  # fmt: skip
+        self.monitor = monitor.start()
         a = self.args
         self.sup.add(f"cloud-{CLOUD}", self._argv("cloud_sink", CLOUD))
         self.sup.add(f"fog-{FOG}", self._argv("fog_aggregator", FOG, "--cloud-id", CLOUD))

@@ -58,6 +58,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
     done
 fi
 
+# --- libfaketime, for the clock-skew chaos test (optional: the test skips and says why) --------
+if ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing faketime (clock-skew tests)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null) \
+            || say "could not install faketime; the clock-skew tests will be skipped"
+    else
+        say "faketime is not installed; the clock-skew tests will be skipped (apt-get install faketime)"
+    fi
+fi
+
 # --- tflite-runtime 2.14 (numpy < 2) in .venv-legacy, for the cross-runtime model test --------
 # Never fails the set-up: without a wheel for this machine the test skips and says why.
 bash scripts/setup-legacy.sh
