@@ -64,7 +64,10 @@ _MIGRATIONS = [
     ALTER TABLE events ADD COLUMN verdict_by TEXT;
     ALTER TABLE events ADD COLUMN unconfirmed INTEGER;
     ALTER TABLE events ADD COLUMN model TEXT;
-    ALTER TABLE events ADD COLUMN evidence BLOB;
+    ALTER TABLE events ADD COLUMN evidence BLOB
+    """,
+    # Warnings the edge held off: how many repeats an event stands for.
+    """
     ALTER TABLE events ADD COLUMN repeats INTEGER
     """,
 ]

@@ -16,15 +16,17 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from device_sim.ledger import LEDGER_FILE, Ledger
 from device_sim.physics import FAULT_KINDS, FIELDS, FaultMix, Fleet
+from fogline import aead
 from fogline.codec import Telemetry, encode_telemetry
 from fogline.config import ServiceConfig, setting
-from fogline.errors import ConfigError
+from fogline.errors import ConfigError, FoglineError
 from fogline.evaluate import TRUTH_FILE
 from fogline.fleet import device_id, edge_of
 from fogline.service import Service
@@ -70,6 +72,9 @@ class SimConfig(ServiceConfig):
     seed: int = setting(1, "Random seed (runs are reproducible).")
     duration: float = setting(
         0.0, "Stop after this many seconds (0 = run until stopped).", minimum=0.0
+    )
+    aead_keys: str = setting(
+        "", "Folder of device keys; telemetry is sealed with each device's newest ('' = clear)."
     )
 
     def fault_mix(self) -> FaultMix:
@@ -131,6 +136,15 @@ class DeviceSim(Service):
         self._t_start = 0.0
         self._rounds = 0
         self._lag_warned = 0.0
+        #: Per device, the key id and key its telemetry is sealed with (empty: sent in clear).
+        self.seal_keys: list[tuple[str, bytes]] = []
+        if config.aead_keys:
+            store = aead.KeyStore(Path(config.aead_keys))
+            try:
+                self.seal_keys = [store.newest(d) for d in self.devices]
+            except FoglineError as exc:
+                raise ConfigError("aead_keys", str(exc)) from exc
+            log.info("sealing telemetry with %s (keys in %s)", aead.ALGORITHM, config.aead_keys)
 
     def on_start(self) -> None:
         self.ledger = Ledger(self.folder / LEDGER_FILE)
@@ -226,7 +240,13 @@ class DeviceSim(Service):
                 device=device, first=self.seqs[i], t0=t0, dt=self.dt_sim, fields=FIELDS,
                 values=values[i],
             )  # fmt: skip
-            payloads.append(encode_telemetry(tele, seq=self._rounds, ts=time.time()))
+            if self.seal_keys:
+                kid, key = self.seal_keys[i]
+                payloads.append(aead.seal_telemetry(
+                    tele, kid, key, topic=self.tele_topics[i], seq=self._rounds, ts=time.time()
+                ))  # fmt: skip
+            else:
+                payloads.append(encode_telemetry(tele, seq=self._rounds, ts=time.time()))
         self.ledger.record_round(n, nbytes=sum(len(p) for p in payloads))
         for i, payload in enumerate(payloads):
             self._pending.append(self.client.publish(self.tele_topics[i], payload, qos=1))

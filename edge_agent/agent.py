@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -11,11 +12,12 @@ from typing import Any
 from edge_agent.core import EdgeCore, Record, Rules
 from edge_agent.decisions import EscalationRules, ModelDecisions
 from edge_agent.models import ModelDetector
-from fogline.codec import Escalation, decode, encode_escalation
+from fogline import aead
+from fogline.codec import Envelope, Escalation, Telemetry, decode, encode_escalation
 from fogline.config import setting
 from fogline.custody import Outbox, SenderConfig, Uplink
 from fogline.db import connect, migrate, transaction
-from fogline.errors import DecodeError
+from fogline.errors import ConfigError, DecodeError, FoglineError
 from fogline.logs import log_records
 from fogline.models.catalog import default_model_path
 from fogline.models.loaded import load_model
@@ -78,9 +80,18 @@ class EdgeConfig(SenderConfig):
         minimum=0.0,
     )  # fmt: skip
 
+    aead_keys: str = setting(
+        "", "Folder of device keys that open sealed telemetry ('' = none: sealed is refused)."
+    )
+    require_encryption: bool = setting(
+        False, "Refuse telemetry sent in clear (reason not_encrypted); needs aead_keys."
+    )
+
     def validate(self) -> None:
         super().validate()
         check_id(self.fog_id, "fog_id")
+        if self.require_encryption and not self.aead_keys:
+            raise ConfigError("aead_keys", "require_encryption is set but aead_keys is empty")
 
     def model_path(self, role: str) -> Path:
         """Where the model for `role` (anomaly, classifier, failure) is read from."""
@@ -103,6 +114,18 @@ class EdgeAgent(Service):
         self.fog_status = self.topics.status("fog", config.fog_id)
         self.reply_topic = self.topics.esc_reply(config.id)
         self.decisions: ModelDecisions | None = None
+        self.keystore: aead.KeyStore | None = None
+        self._keys_checked = 0.0
+        if config.aead_keys:
+            try:
+                self.keystore = aead.KeyStore(Path(config.aead_keys))
+            except FoglineError as exc:
+                raise ConfigError("aead_keys", str(exc)) from exc
+            log.info(
+                "opening sealed telemetry: %d device keys in %s",
+                len(self.keystore.keys),
+                config.aead_keys,
+            )
 
     def on_start(self) -> None:
         self.db = connect(self.cfg.data_dir / f"edge-{self.cfg.id}" / "edge.db")
@@ -231,9 +254,11 @@ class EdgeAgent(Service):
         try:
             _edge, device = self.topics.parse_tele(m.topic)
             env = decode(m.payload, expect="tele")
+            tele = self._open(env, m.topic)
         except DecodeError as exc:
             self.reject(exc.reason, m.topic, m.payload, exc.detail)
             return []
+        env = dataclasses.replace(env, body=tele)
         if env.body.device != device:
             self.reject("forged_device", m.topic, m.payload, f"payload says {env.body.device!r}")
             return []
@@ -247,6 +272,21 @@ class EdgeAgent(Service):
             # Accounted for by the drop record; also dead-lettered so the device can be fixed.
             self.reject("non_finite", m.topic, m.payload, "NaN or infinite sample values")
         return records
+
+    def _open(self, env: Envelope, topic: str) -> Telemetry:
+        """The telemetry of a message: opened if sealed, refused if clear but required sealed."""
+        body = env.body
+        if isinstance(body, Telemetry):
+            if self.cfg.require_encryption:
+                raise DecodeError("not_encrypted", "telemetry in clear; this edge requires AEAD")
+            return body
+        if self.keystore is None:
+            raise DecodeError("unknown_key", f"sealed with {body.kid!r}; this edge has no keys")
+        if body.kid not in self.keystore.keys and time.monotonic() - self._keys_checked > 1.0:
+            # A key provisioned (rotated in) after start: look at the folder again, at most 1/s.
+            self._keys_checked = time.monotonic()
+            self.keystore.refresh()
+        return aead.open_telemetry(self.keystore, env, topic=topic)
 
     def _commit(self, records: list[Record], now: float) -> None:
         """Write records and the devices' restart points in one transaction."""
@@ -265,6 +305,10 @@ class EdgeAgent(Service):
             log_records(log, "put", records)
 
     def on_tick(self, now: float) -> None:
+        if self.keystore is not None and time.monotonic() - self._keys_checked > 2.0:
+            # Removed (retired) key files stop being accepted within seconds.
+            self._keys_checked = time.monotonic()
+            self.keystore.refresh()
         self._commit(self.core.due_summaries(now) + self._decide(now), now)
         for reason, n in self.outbox.enforce_bounds(now).items():
             self.counters[f"evicted.{reason}"] += n

@@ -142,7 +142,8 @@ def parser() -> argparse.ArgumentParser:
         help="make the project CA and issue TLS certificates, keys and passwords",
         description="Manage the key folder of a deployment (default DATA_DIR/keys): init makes "
         "the project CA and the root signing key, issue makes a certificate, key and password "
-        "for the broker or a process, list shows them with their expiry.",
+        "for the broker or a process, list shows them with their expiry, devices makes the "
+        "devices' AEAD keys for sealed telemetry.",
     )
     keys.add_arguments(s)
     s.set_defaults(func=keys.run)

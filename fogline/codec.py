@@ -104,6 +104,15 @@ class EscalationReply:
 
 
 @dataclass(frozen=True, slots=True)
+class Sealed:
+    """An encrypted telemetry body: key id, 12-byte nonce, ciphertext with tag (`fogline.aead`)."""
+
+    kid: str
+    nonce: bytes
+    ct: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     """The common wrapper of every message."""
 
@@ -125,10 +134,9 @@ def _pack(kind: str, src: str, seq: int, ts: float, body: Any) -> bytes:
     )
 
 
-def encode_telemetry(tele: Telemetry, *, seq: int, ts: float) -> bytes:
-    """Encode a telemetry batch; the envelope `src` is the device id."""
+def _telemetry_body(tele: Telemetry) -> dict[str, Any]:
     values = np.ascontiguousarray(tele.values, dtype="<f4")
-    body = {
+    return {
         "device": tele.device,
         "first": tele.first,
         "t0": tele.t0,
@@ -137,7 +145,31 @@ def encode_telemetry(tele: Telemetry, *, seq: int, ts: float) -> bytes:
         "n": int(values.shape[0]),
         "data": values.tobytes(),
     }
-    return _pack("tele", tele.device, seq, ts, body)
+
+
+def encode_telemetry(tele: Telemetry, *, seq: int, ts: float) -> bytes:
+    """Encode a telemetry batch; the envelope `src` is the device id."""
+    return _pack("tele", tele.device, seq, ts, _telemetry_body(tele))
+
+
+def encode_telemetry_body(tele: Telemetry) -> bytes:
+    """The msgpack of a telemetry body alone: the plaintext that `fogline.aead` seals."""
+    return msgpack.packb(_telemetry_body(tele), use_bin_type=True)
+
+
+def encode_sealed_telemetry(src: str, sealed: Sealed, *, seq: int, ts: float) -> bytes:
+    """Encode telemetry whose body is sealed; the envelope stays in clear."""
+    body = {"kid": sealed.kid, "nonce": sealed.nonce, "ct": sealed.ct}
+    return _pack("tele", src, seq, ts, body)
+
+
+def decode_telemetry_body(plaintext: bytes, src: str) -> Telemetry:
+    """Validate an opened telemetry body of device `src`; raises only DecodeError."""
+    try:
+        body = msgpack.unpackb(plaintext, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises several types on odd input, all mean "malformed"
+        raise DecodeError("malformed", f"sealed body: {type(exc).__name__}: {exc}") from exc
+    return _telemetry(body, src)
 
 
 def encode_batch(src: str, batch: Batch, *, seq: int, ts: float, compress: bool = True) -> bytes:
@@ -268,6 +300,22 @@ def decode(payload: bytes, *, expect: str | None = None) -> Envelope:
     return Envelope(kind=kind, src=obj["src"], seq=obj["seq"], ts=float(obj["ts"]), body=body)
 
 
+_SEALED_KEYS = frozenset(("kid", "nonce", "ct"))
+NONCE_BYTES = 12
+
+
+def _tele_or_sealed(body: Any, src: str) -> Telemetry | Sealed:
+    """A clear telemetry body, or the outer structure of a sealed one (opened by the edge)."""
+    if not (isinstance(body, dict) and set(body) == _SEALED_KEYS):
+        return _telemetry(body, src)
+    _expect(_is_id(body["kid"]), "wrong_type", "kid is not an id")
+    nonce, ct = body["nonce"], body["ct"]
+    _expect(isinstance(nonce, bytes) and isinstance(ct, bytes), "wrong_type", "nonce/ct")
+    _expect(len(nonce) == NONCE_BYTES, "bad_length", f"{len(nonce)} nonce bytes")
+    _expect(len(ct) >= 16, "bad_length", f"{len(ct)} ciphertext bytes (shorter than a tag)")
+    return Sealed(kid=body["kid"], nonce=nonce, ct=ct)
+
+
 def _telemetry(body: Any, src: str) -> Telemetry:
     _expect(isinstance(body, dict), "wrong_type", "telemetry body is not a map")
     keys = {"device", "first", "t0", "dt", "fields", "n", "data"}
@@ -384,7 +432,7 @@ def _plain(body: Any, src: str) -> dict[str, Any]:
 
 
 _BODY_DECODERS = {
-    "tele": _telemetry,
+    "tele": _tele_or_sealed,
     "batch": _batch,
     "ack": _ack,
     "status": _plain,

@@ -9,6 +9,7 @@ and passwords, `0644` for certificates):
 | `signing.key`, `signing.pub` | the root Ed25519 signing key (keep `signing.key` offline) |
 | `<name>.crt`, `<name>.key` | a certificate (role in its OU) and key signed by the CA |
 | `<name>.password` | the random MQTT password of `<name>` (its username is `<name>`) |
+| `aead/<device>.<n>.key` | a device's random 32-byte telemetry key (`fogline.aead`) |
 """
 
 from __future__ import annotations
@@ -375,6 +376,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     common(s)
     s.add_argument("--json", action="store_true", help="print JSON")
+    s = sub.add_parser(
+        "devices",
+        help="give each device a random AEAD key for sealed telemetry (aead/ in the key folder)",
+        description="Write a random 32-byte ChaCha20-Poly1305 key <device>.<n>.key (0600) into "
+        "the aead/ folder of the key folder for every device that has none; with --rotate, a "
+        "newer key for every device (older ones stay valid until their files are removed).",
+    )
+    common(s)
+    s.add_argument("--devices", type=int, required=True, help="number of devices")
+    s.add_argument(
+        "--first-device", type=int, default=0,
+        help="number of the first device (default: 0)",
+    )  # fmt: skip
+    s.add_argument(
+        "--rotate", action="store_true", help="add a newer key to every device (rotation)"
+    )
 
 
 def role_from_name(name: str) -> str:
@@ -405,6 +422,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {cred.cert}, {cred.key}, {cred.password_file} (role {cred.role}, "
               f"expires {cred.not_after:%Y-%m-%d %H:%M} UTC)")  # fmt: skip
         return 0
+    if args.keys_command == "devices":
+        return _devices(folder, args)
     now = dt.datetime.now(dt.UTC)
     rows = entries(folder)
     if args.json:
@@ -429,4 +448,21 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _devices(folder: Path, args: argparse.Namespace) -> int:
+    """`fogline keys devices`: provision (or rotate) the devices' AEAD keys."""
+    from fogline import aead  # the codec and numpy only for this subcommand
+    from fogline.fleet import device_id
+
+    if args.devices < 1 or args.first_device < 0:
+        raise KeysError("--devices must be at least 1 and --first-device at least 0")
+    target = aead.default_dir(folder)
+    names = [device_id(i) for i in range(args.first_device, args.first_device + args.devices)]
+    try:
+        written = aead.provision(target, names, rotate=args.rotate)
+    except FoglineError as exc:
+        raise KeysError(str(exc)) from exc
+    print(f"wrote {len(written)} device keys into {target} ({len(names)} devices)")
     return 0

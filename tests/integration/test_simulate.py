@@ -44,6 +44,33 @@ def test_quick_scenario_is_evaluated_and_accounted_for(tmp_path: Path) -> None:
     assert ev["bandwidth"]["edge_reduction"] > 1
     assert ev["simulated_hours"] == pytest.approx(2.0, rel=0.01)
 
+    # The operator's views of the same store: every query answers, coverage agrees with custody.
+    def query(*args: str) -> list[dict[str, object]]:
+        out = subprocess.run(
+            [sys.executable, "-m", "fogline.cli", "query", *args,
+             "--data-dir", str(data), "--json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return list(json.loads(out.stdout))
+
+    coverage = query("coverage")
+    assert len(coverage) == 50 and all(row["unaccounted"] == 0 for row in coverage)
+    assert sum(int(str(row["produced"])) for row in coverage) == ev["custody"]["produced"]
+    at_risk = query("at-risk")
+    assert at_risk, "the models warned about no device"
+    hours = [r["hours_to_failure"] for r in at_risk if r["hours_to_failure"] is not None]
+    assert hours == sorted(hours)  # soonest first
+    assert query("events", "--device", str(at_risk[0]["device"]))
+    assert query("summaries", "--limit", "5") and query("rollups")
+    page = tmp_path / "report.html"
+    subprocess.run(
+        [sys.executable, "-m", "fogline.cli", "report", "--data-dir", str(data),
+         "--html", str(page)],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "http://" not in html
+
 
 def test_exported_windows_are_labelled_and_reproducible(tmp_path: Path) -> None:
     paths = [tmp_path / "a.npz", tmp_path / "b.npz"]
