@@ -23,6 +23,7 @@ import numpy as np
 from bench import models as models_bench
 from fogline.broker import Broker
 from fogline.codec import Telemetry, encode_telemetry
+from fogline.progress import bar
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "BENCHMARKS.md"
@@ -117,11 +118,14 @@ def e2e(quick: bool) -> dict[str, Any]:
     runs = []
     for rate in ladder:
         tries = []
-        for _ in range(1 if quick else 3):
+        repeats = 1 if quick else 3
+        for i in range(repeats):
             r = pipeline(1000, rate, samples, duration, edges=2)
             tries.append(r)
+            step = ladder.index(rate) * repeats + i + 1
             print(
-                f"  1000 devices x {rate:g}/s: {r['readings_per_s']:,.0f} readings/s, "
+                f"  {bar(step, len(ladder) * repeats, 12)} 1000 devices x {rate:g}/s: "
+                f"{r['readings_per_s']:,.0f} readings/s, "
                 f"edges caught up {r['caught_up_after']:.1f}s after the devices stopped, "
                 f"unaccounted {r['unaccounted']}, sustained {r['sustained']}",
                 flush=True,

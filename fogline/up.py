@@ -19,6 +19,7 @@ from fogline import keys
 from fogline.broker import Broker
 from fogline.fleet import edge_ids
 from fogline.monitor import Monitor
+from fogline.progress import bar
 from fogline.report import build_report, format_report
 from fogline.security import apply_client_security, client_flags
 from fogline.supervisor import Supervisor
@@ -202,7 +203,7 @@ class Pipeline:
         self.start()
         t0 = time.monotonic()
         self._t0 = t0
-        progress = Progress(self.monitor, self.sup)  # type: ignore[arg-type]
+        progress = Progress(self.monitor, self.sup, self.args.duration)  # type: ignore[arg-type]
         try:
             while not self.stop_requested.is_set():
                 if self.args.duration and time.monotonic() - t0 >= self.args.duration:
@@ -275,9 +276,10 @@ class Pipeline:
 class Progress:
     """One live line: readings/s per layer, outbox backlog, restarts."""
 
-    def __init__(self, monitor: Monitor, sup: Supervisor) -> None:
+    def __init__(self, monitor: Monitor, sup: Supervisor, duration: float = 0.0) -> None:
         self.monitor = monitor
         self.sup = sup
+        self.duration = duration
         self.tty = sys.stderr.isatty()
         self.last: tuple[float, list[float]] | None = None
         self.seen: dict[tuple[str, str], tuple[float, float]] = {}
@@ -316,8 +318,9 @@ class Progress:
             + self.monitor.total("fog", "outbox_records", gauge=True)
         )
         restarts = sum(self.sup.restarts().values())
+        done = bar(elapsed, self.duration, 12) + " " if self.duration else ""
         line = (
-            f"[{elapsed:5.0f}s] readings/s  device {rates[0]:7.0f}  edge {rates[1]:7.0f}  "
+            f"{done}[{elapsed:5.0f}s] readings/s  device {rates[0]:7.0f}  edge {rates[1]:7.0f}  "
             f"fog {rates[2]:7.0f}  cloud {rates[3]:7.0f} | backlog {backlog} records"
             f" | stored {int(totals[3])} | restarts {restarts}"
         )

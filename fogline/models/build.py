@@ -50,6 +50,7 @@ from fogline.models.train import (
     train_failure_predictor,
 )
 from fogline.models.writer import FLAVOURS, Flavour, write_model
+from fogline.progress import bar
 from fogline.scenario import Scenario, load
 
 MODEL_NAMES: tuple[str, ...] = ("anomaly", "classifier", "failure", "fog_classifier")
@@ -253,8 +254,9 @@ def train_models(
                 ds.x[rows], ds.hours[rows], hidden=arch.hidden, config=cfg
             )
             extra = {}
+        step = [n for n in MODEL_NAMES if n in names].index(name) + 1
         log_print(
-            f"fogline models: trained {name} {list(arch.hidden)} in "
+            f"fogline models: {bar(step, len(names), 12)} trained {name} {list(arch.hidden)} in "
             f"{time.monotonic() - t0:.1f}s (loss {result.losses[0]:.4g} -> "
             f"{result.losses[-1]:.4g})",
             file=sys.stderr,
