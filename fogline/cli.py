@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fogline import __version__, keys, query, serve, simulate, status, up
 from fogline.broker import Broker
@@ -53,6 +54,16 @@ def _broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add(
+    sub: Any, name: str, module: Any, *, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose module gives `add_arguments(parser)` and `run(args) -> int`."""
+    s: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description)
+    module.add_arguments(s)
+    s.set_defaults(func=module.run)
+    return s
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of `fogline` and its subcommands."""
     p = argparse.ArgumentParser(prog="fogline", description="fogline: an MQTT fog-layer pipeline.")
@@ -60,24 +71,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser(
+    _add(
+        sub,
         "up",
+        up,
         help="run broker, cloud sink, fog, edges and devices; then report",
         description="Start the whole pipeline on this machine, supervise it, show live "
         "progress, stop it in order and print the end-to-end report.",
     )
-    up.add_arguments(s)
-    s.set_defaults(func=up.run)
 
-    s = sub.add_parser(
+    _add(
+        sub,
         "simulate",
+        simulate,
         help="run a scenario through the pipeline and evaluate detection against ground truth",
         description="Run a scenario (built-in name or TOML file) through the real pipeline and "
         "print an evaluation against the simulator's ground truth; or export labelled training "
         "windows with --export-windows. Exit status 1 when readings are unaccounted.",
     )
-    simulate.add_arguments(s)
-    s.set_defaults(func=simulate.run)
 
     s = sub.add_parser(
         "report",
@@ -95,36 +106,36 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     s.set_defaults(func=_report)
 
-    s = sub.add_parser(
+    _add(
+        sub,
         "status",
+        status,
         help="live dashboard of a running pipeline from its status and metrics topics",
         description="Follow the retained status and the metrics of every process on a broker: "
         "states, readings/s per layer, outbox backlog, rejects and drops, edge decisions. "
         "--once --json prints one snapshot; exit status 2 when the broker cannot be reached.",
     )
-    status.add_arguments(s)
-    s.set_defaults(func=status.run)
 
-    s = sub.add_parser(
+    _add(
+        sub,
         "query",
+        query,
         help="query the cloud store of a data dir: at-risk, events, summaries, coverage, rollups",
         description="Read-only queries over DATA_DIR/cloud-*/cloud.db, printed as an aligned "
         "table, JSON or CSV. Exit status 2 when there is no data dir or cloud store, or a flag "
         "is bad.",
     )
-    query.add_arguments(s)
-    s.set_defaults(func=query.run)
 
-    s = sub.add_parser(
+    _add(
+        sub,
         "serve",
+        serve,
         help="browse the cloud store of a data dir in Datasette (read-only, loopback)",
         description="Serve DATA_DIR/cloud-*/cloud.db with Datasette in immutable mode, with "
         "table and column descriptions and canned queries (devices at risk, warnings of the "
         "last hour, coverage per device, rollups per site). Ctrl-C stops it. Exit status 2 "
         "for a non-loopback --host without --public, or no cloud store.",
     )
-    serve.add_arguments(s)
-    s.set_defaults(func=serve.run)
 
     s = sub.add_parser(
         "broker",
@@ -137,16 +148,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     s.set_defaults(func=_broker)
 
-    s = sub.add_parser(
+    _add(
+        sub,
         "keys",
+        keys,
         help="make the project CA and issue TLS certificates, keys and passwords",
         description="Manage the key folder of a deployment (default DATA_DIR/keys): init makes "
         "the project CA and the root signing key, issue makes a certificate, key and password "
         "for the broker or a process, list shows them with their expiry, devices makes the "
         "devices' AEAD keys for sealed telemetry.",
     )
-    keys.add_arguments(s)
-    s.set_defaults(func=keys.run)
 
     s = sub.add_parser(
         "models",
@@ -156,23 +167,23 @@ def parser() -> argparse.ArgumentParser:
         "file holds (inspect).",
     )
     models = s.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
-    m = models.add_parser(
+    _add(
+        models,
         "build",
+        models_build,
         help="train and write the four models, reproducibly from a seed",
         description="Export labelled windows of the scenario's fleet, split the devices "
         "70/15/15, train the four models, check the numpy executor against the runtime, "
         "validate and write <name>.tflite with metadata. Exit status 1 when a gate refuses.",
     )
-    models_build.add_arguments(m)
-    m.set_defaults(func=models_build.run)
-    m = models.add_parser(
+    _add(
+        models,
         "inspect",
+        models_inspect,
         help="show ops, tensors, quantisation, signatures and metadata of a .tflite file",
         description="Validate a .tflite file and print what it holds. Exit status 2 when the "
         "validator rejects it, with the reason.",
     )
-    models_inspect.add_arguments(m)
-    m.set_defaults(func=models_inspect.run)
     return p
 
 
