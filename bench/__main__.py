@@ -339,6 +339,74 @@ def render_security(res: dict[str, Any], command: str) -> str:
     ]) + "\n"  # fmt: skip
 
 
+def _proc_usage(pid: int) -> tuple[float, float]:
+    """(RSS in MiB, CPU seconds) of a running process, from /proc."""
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return rss, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def footprint(quick: bool) -> dict[str, Any]:
+    """RSS and CPU seconds per million readings of each process, 1,000 devices."""
+    duration = 10.0 if quick else 30.0
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "fogline.cli", "up", "--data-dir", tmp, "--devices", "1000",
+             "--edges", "1", "--rate", "10", "--duration", str(duration)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        peak: dict[str, float] = {}
+        last: dict[str, tuple[float, float]] = {}
+        t_end = time.monotonic() + duration + 30
+        while up.poll() is None and time.monotonic() < t_end:
+            for pid_file in (data / "run").glob("*.pid") if (data / "run").exists() else []:
+                name = pid_file.stem
+                try:
+                    rss, cpu = _proc_usage(int(pid_file.read_text()))
+                except (OSError, ValueError):
+                    continue
+                peak[name] = max(peak.get(name, 0.0), rss)
+                last[name] = (rss, cpu)
+            time.sleep(0.2)
+        up.wait(timeout=120)
+        rep = json.loads((data / "report.json").read_text())
+    produced = rep["produced"]
+    rows = {
+        name: {"peak_rss_mib": peak[name], "cpu_s_per_million": last[name][1] / produced * 1e6}
+        for name in sorted(peak)
+    }
+    return {"processes": rows, "produced": produced, "duration": duration,
+            "unaccounted": rep["unaccounted"]}  # fmt: skip
+
+
+def render_footprint(res: dict[str, Any], command: str) -> str:
+    """The BENCHMARKS.md section for the footprint benchmark."""
+    lines = [
+        "## footprint: memory and CPU per process, 1,000 devices",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
+        "",
+        "| process | peak RSS (MiB) | CPU s per million readings |",
+        "|---|---:|---:|",
+    ]
+    for name, r in res["processes"].items():
+        lines.append(f"| {name} | {r['peak_rss_mib']:.1f} | {r['cpu_s_per_million']:.1f} |")
+    lines += [
+        "",
+        f"`fogline up`, 1,000 devices x 10 readings/s, 1 edge (built-in models), "
+        f"{res['duration']:g} s; {res['produced']:,} readings, unaccounted {res['unaccounted']}. "
+        "CPU is the last sample before each process stopped (sampled every 0.2 s from /proc); "
+        "the edge's share includes loading its models.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     """One line of machine facts."""
     cpu = "unknown CPU"
@@ -449,6 +517,7 @@ BENCHMARKS: dict[str, tuple[str, Any, Any]] = {
         evaluation,
         render_evaluation,
     ),
+    "footprint": ("RSS and CPU per process at 1,000 devices", footprint, render_footprint),
     "security": ("plain against --secure, and sealed telemetry", security, render_security),
     "models": (
         "inference cost, sizes and accuracy per flavour",
