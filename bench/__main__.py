@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bench import models as models_bench
+from bench import nodered
 from fogline.broker import Broker
 from fogline.codec import Telemetry, encode_telemetry
 from fogline.progress import bar
@@ -517,6 +518,7 @@ BENCHMARKS: dict[str, tuple[str, Any, Any]] = {
         evaluation,
         render_evaluation,
     ),
+    "peer": ("Node-RED doing the edge's filter job, against the edge", nodered.run, nodered.render),
     "footprint": ("RSS and CPU per process at 1,000 devices", footprint, render_footprint),
     "security": ("plain against --secure, and sealed telemetry", security, render_security),
     "models": (
