@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
-import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -22,6 +20,7 @@ import numpy as np
 
 from bench import models as models_bench
 from bench import nodered
+from bench.common import heading
 from fogline.broker import Broker
 from fogline.codec import Telemetry, encode_telemetry
 from fogline.progress import bar
@@ -178,11 +177,7 @@ def render_sim(res: dict[str, Any], command: str) -> str:
     """The BENCHMARKS.md section for the simulator benchmark."""
     b = res["baseline"]
     lines = [
-        "## sim: one simulator process, readings/s generated and published",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
-        "",
+        *heading("sim: one simulator process, readings/s generated and published", command),
         f"Baseline (same run): raw broker, `mosquitto_pub` -> `mosquitto_sub` at QoS 1 with a "
         f"{b['payload_bytes']}-byte telemetry message: {b['msgs_per_s']:,.0f} msg/s (median of 3).",
         "",
@@ -231,10 +226,8 @@ def render_evaluation(res: dict[str, Any], command: str) -> str:
         return "-" if x is None else fmt.format(x)
 
     lines = [
-        f"## evaluation: the edge's decisions on the `{m['scenario']}` scenario",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}. Both runs use the same "
+        *heading(f"evaluation: the edge's decisions on the `{m['scenario']}` scenario", command),
+        "Both runs use the same "
         "scenario and seed; `models` is the default edge (built-in TFLite models, escalation to "
         "the fog), `zscore` the window-mean z-score rule against an EWMA baseline.",
         "",
@@ -315,11 +308,7 @@ def render_security(res: dict[str, Any], command: str) -> str:
     """The BENCHMARKS.md section for the security costs."""
     p, s, a = res["median"]["plain"], res["median"]["secure"], res["aead"]
     return "\n".join([
-        "## security: cost of TLS + logins and of sealed telemetry",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
-        "",
+        *heading("security: cost of TLS + logins and of sealed telemetry", command),
         "| pipeline, 1,000 devices x 40 readings/s, 2 edges | plain (baseline) | `--secure` (TLS, "
         "per-client logins, ACL) | ratio |",
         "|---|---:|---:|---:|",
@@ -388,11 +377,7 @@ def footprint(quick: bool) -> dict[str, Any]:
 def render_footprint(res: dict[str, Any], command: str) -> str:
     """The BENCHMARKS.md section for the footprint benchmark."""
     lines = [
-        "## footprint: memory and CPU per process, 1,000 devices",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
-        "",
+        *heading("footprint: memory and CPU per process, 1,000 devices", command),
         "| process | peak RSS (MiB) | CPU s per million readings |",
         "|---|---:|---:|",
     ]
@@ -408,34 +393,11 @@ def render_footprint(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> str:
-    """One line of machine facts."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()
-    mosq_v = mosq[0] if mosq else "mosquitto ?"
-    if shutil.which("mosquitto") is None:
-        mosq_v = subprocess.run(
-            ["/usr/sbin/mosquitto", "-h"], capture_output=True, text=True
-        ).stdout.splitlines()[0]
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, {mosq_v}"
-
-
 def render_e2e(res: dict[str, Any], command: str) -> str:
     """The BENCHMARKS.md section for the end-to-end benchmark."""
     b = res["baseline"]
     lines = [
-        "## e2e: sustained readings/s, device -> edge -> fog -> cloud",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}",
-        "",
+        *heading("e2e: sustained readings/s, device -> edge -> fog -> cloud", command),
         f"Baseline (same run): the raw broker carrying the same {b['payload_bytes']}-byte "
         f"telemetry message ({res['samples']} readings) from `mosquitto_pub` to `mosquitto_sub` "
         "at QoS 1: "

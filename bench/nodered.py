@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from bench.common import heading
 from fogline.broker import Broker, find_free_port
 from fogline.codec import Telemetry, decode, encode_telemetry
 
@@ -314,16 +315,13 @@ def _table(res: dict[str, Any]) -> str:
 
 def render(res: dict[str, Any], command: str) -> str:
     """The BENCHMARKS.md section for the Node-RED peer comparison."""
-    from bench.__main__ import machine
-
     n = res["messages"]
     lines = [
-        "## peer: Node-RED doing the edge's filter job, against the fogline edge",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; Node.js {res['node']}, "
-        f"Node-RED {res['node_red']}",
-        "",
+        *heading(
+            "peer: Node-RED doing the edge's filter job, against the fogline edge",
+            command,
+            f"; Node.js {res['node']}, Node-RED {res['node_red']}",
+        ),
         _table(res),
         "",
         f"Each figure: median of 3 bursts of {n:,} telemetry messages of {res['payload_bytes']} "

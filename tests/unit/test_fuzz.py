@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from hypothesis import strategies as st
 
 from cloud_sink.sink import CloudSink, SinkConfig
+from device_sim.physics import FIELDS as PHYSICS_FIELDS
 from edge_agent.agent import EdgeAgent, EdgeConfig
 from fog_aggregator.aggregator import FogAggregator, FogConfig
 from fogline.codec import (
@@ -46,15 +47,7 @@ T = Topics()
 EXAMPLES = 250  # examples per process; each feeds at least 4 * MIN_BATCH payloads
 MIN_BATCH, MAX_BATCH = 10, 16
 MIN_PAYLOADS = 10_000
-FIELDS = [
-    "vib_rms",
-    "vib_peak",
-    "vib_kurtosis",
-    "temp_bearing",
-    "temp_motor",
-    "current",
-    "pressure",
-]
+FIELDS = list(PHYSICS_FIELDS)
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
