@@ -9,6 +9,7 @@ worker thread (the network thread never runs application code) and decide when t
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import queue
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DLQ_COPY_BYTES = 512
+#: Seconds past `shutdown_timeout` after which a stopping process that still runs is ended.
+STUCK_GRACE = 10.0
+EXIT_STUCK = 70
 QUEUE_BATCH = 2000
 
 
@@ -94,6 +98,7 @@ class Service:
         self.started = time.time()
         self._stop = threading.Event()
         self._abort = threading.Event()
+        self._watchdog: threading.Timer | None = None
         self._net_stop = threading.Event()
         self._queue: queue.SimpleQueue[Inbound | Callable[[], None]] = queue.SimpleQueue()
         self._seq = 0
@@ -189,10 +194,30 @@ class Service:
         )
 
     def request_stop(self) -> None:
-        """Ask the process to stop (what SIGTERM does); a second request aborts the drain."""
+        """Ask the process to stop (what SIGTERM does); a second request aborts the drain.
+
+        A process still alive `STUCK_GRACE` seconds after its shutdown timeout prints the stacks
+        of its threads and exits with status 70: shutdown stays bounded whatever hangs.
+        """
         if self._stop.is_set():
             self._abort.set()
+            return
         self._stop.set()
+        if self._watchdog is None:
+            self._watchdog = threading.Timer(
+                self.config.shutdown_timeout + STUCK_GRACE, self._stuck
+            )
+            self._watchdog.daemon = True
+            self._watchdog.start()
+
+    def _stuck(self) -> None:
+        log.error(
+            "%s %s did not stop within %.0fs of the request; thread stacks follow",
+            self.role, self.config.id, self.config.shutdown_timeout + STUCK_GRACE,
+        )  # fmt: skip
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            faulthandler.dump_traceback(all_threads=True)
+        os._exit(EXIT_STUCK)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the worker thread."""
@@ -301,10 +326,26 @@ class Service:
             attempt += 1
 
     def _install_signals(self) -> None:
+        """SIGTERM/SIGINT reach `request_stop` through a thread of their own.
+
+        The C-level handler writes the signal number to a pipe that a watcher thread reads, so a
+        stop is noticed even while the worker thread sits in native code (an interpreter, SQLite).
+        """
         if threading.current_thread() is not threading.main_thread():
             return
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.request_stop())
+            signal.signal(sig, lambda *_: None)  # acted on by the watcher below
+        wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
+
+        def watch() -> None:
+            while data := os.read(r, 64):
+                for _ in range(sum(1 for b in data if b in wanted)):
+                    self.request_stop()
+
+        threading.Thread(target=watch, name=f"{self.role}-signals", daemon=True).start()
 
     def _step(self, timeout: float) -> None:
         """Take queued messages and callbacks, hand them to the subclass, then ack them."""
@@ -403,6 +444,8 @@ class Service:
             net.join(timeout=2.0)
             if self.exporter is not None:
                 self.exporter.stop()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         log.info("%s %s stopped", self.role, self.config.id)
         return 0
 
@@ -435,6 +478,9 @@ def main(
     """The whole life of a process command: parse its config, log, run until stopped."""
     cfg = parse(config, argv, prog=prog, description=description, section=prog)
     setup_logging(cfg.log_level, cfg.log_format, role=service.role, ident=cfg.id)
+    # `kill -USR1 PID` prints every thread's stack to the log: for a process that looks stuck.
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr without a file
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         check_startup(cfg)
         process = service(cfg)

@@ -350,20 +350,32 @@ class Hand:
         edges: list[str],
         *,
         edge_args: tuple[str, ...] = (),
+        fog_args: tuple[str, ...] = (),
         env: dict[str, dict[str, str]] | None = None,
     ) -> None:
         """Cloud `c0`, fog `f0` and the edges, and wait until they are online."""
         env = env or {}
         self.start("cloud-c0", "cloud_sink", "--id", "c0", env=env.get("cloud-c0"))
         self.start(
-            "fog-f0", "fog_aggregator", "--id", "f0", "--cloud-id", "c0", env=env.get("fog-f0")
-        )
+            "fog-f0", "fog_aggregator", "--id", "f0", "--cloud-id", "c0", *fog_args,
+            env=env.get("fog-f0"),
+        )  # fmt: skip
         for e in edges:
             self.start(
                 f"edge-{e}", "edge_agent", "--id", e, "--fog-id", "f0", *edge_args,
                 env=env.get(f"edge-{e}"),
             )  # fmt: skip
-        self.watcher.wait_online([("cloud", "c0"), ("fog", "f0"), *[("edge", e) for e in edges]])
+        who = [("cloud", "c0"), ("fog", "f0"), *[("edge", e) for e in edges]]
+        try:
+            self.watcher.wait_online(who)
+        except pytest.fail.Exception:
+            late = [f"{r}-{i}" for r, i in who if self.watcher.state(r, i) != "online"]
+            for name in late:
+                if self.alive(name):
+                    self.procs[name].send_signal(signal.SIGUSR1)  # its stacks, into its log
+            time.sleep(1.0)
+            logs = "\n".join(f"--- {name}:\n{self.log(name, 4000)}" for name in late)
+            pytest.fail(f"not online after 30s: {late}\n{logs}")
 
     def start_sim(self, devices: int, edges: int, duration: float, *args: str) -> None:
         """Simulator `s0`."""
@@ -388,14 +400,18 @@ class Hand:
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the stacks of its threads, into its log
+            time.sleep(1.0)
             proc.kill()
             proc.wait()
-            pytest.fail(f"{name} did not stop within {timeout}s after SIGTERM: {self.log(name)}")
+            pytest.fail(
+                f"{name} did not stop within {timeout}s after SIGTERM: {self.log(name, 8000)}"
+            )
 
-    def log(self, name: str) -> str:
-        """The last lines of `name`'s log."""
+    def log(self, name: str, tail: int = 3000) -> str:
+        """The last `tail` characters of `name`'s log."""
         path = self.data / "logs" / f"{name}.log"
-        return path.read_text()[-3000:] if path.exists() else ""
+        return path.read_text()[-tail:] if path.exists() else ""
 
     def ledger_by_edge(self) -> dict[str, int]:
         """Readings produced per edge, from the simulator's ledger."""
