@@ -1,4 +1,4 @@
-"""`fogline keys`: the project CA, per-process TLS credentials and the root signing key.
+"""`fogline keys`: the project CA, per-process TLS credentials and the model-signing keys.
 
 Everything is made with `cryptography` and written atomically into one folder (`0600` for keys
 and passwords, `0644` for certificates):
@@ -7,6 +7,8 @@ and passwords, `0644` for certificates):
 |---|---|
 | `ca.crt`, `ca.key` | the project CA (EC P-256, self-signed, 10 years) |
 | `signing.key`, `signing.pub` | the root Ed25519 signing key (keep `signing.key` offline) |
+| `<fog>.sign.key` | a fog's Ed25519 model-signing key (`keys delegate`, `fogline.signing`) |
+| `<fog>.delegation.json` | the root's delegation of that key: scope (sites, models) and expiry |
 | `<name>.crt`, `<name>.key` | a certificate (role in its OU) and key signed by the CA |
 | `<name>.password` | the random MQTT password of `<name>` (its username is `<name>`) |
 | `aead/<device>.<n>.key` | a device's random 32-byte telemetry key (`fogline.aead`) |
@@ -23,6 +25,7 @@ import re
 import secrets
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +63,9 @@ CA_DAYS = 3650
 DEFAULT_DAYS = 365
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _RESERVED = frozenset({"ca", "signing"})
+#: `<fog>.sign.key` is a fog's signing key: no credential may be named `<fog>.sign`.
+_SIGNER_SUFFIX = ".sign"
+DELEGATION_DAYS = 90
 _SKEW = dt.timedelta(minutes=5)
 _ORG = "fogline"
 
@@ -208,10 +214,10 @@ def init(folder: Path, *, now: dt.datetime | None = None) -> list[Path]:
 
 
 def _check_name(name: str, role: str) -> None:
-    if not _NAME.fullmatch(name) or name in _RESERVED:
+    if not _NAME.fullmatch(name) or name in _RESERVED or name.endswith(_SIGNER_SUFFIX):
         raise KeysError(
             f"{name!r} is not a valid credential name (1-64 of A-Z a-z 0-9 _ . -, not starting "
-            f"with '.', not {' or '.join(sorted(_RESERVED))})"
+            f"with '.', not ending in '{_SIGNER_SUFFIX}', not {' or '.join(sorted(_RESERVED))})"
         )
     if role not in ROLES:
         raise KeysError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
@@ -321,15 +327,29 @@ def read_password(path: Path | str) -> str:
 
 
 def entries(folder: Path) -> list[Entry]:
-    """What a key folder holds: the CA, the signing key and each issued credential."""
+    """What a key folder holds: the CA, the signing keys and each issued credential."""
+    from fogline import signing  # it imports this module
+
     out: list[Entry] = []
     if (folder / "ca.crt").is_file():
         ca = _load_cert(folder / "ca.crt")
         out.append(Entry("ca", "ca", folder / "ca.crt", ca.not_valid_after_utc))
     if (folder / "signing.key").is_file():
         out.append(Entry("signing", "signing-key (Ed25519)", folder / "signing.key", None))
+    for path in sorted(folder.glob("*.delegation.json")):
+        d = signing.read_delegation(path)
+        scope = f"sites {','.join(d.sites)}; models {','.join(d.models)}"
+        out.append(Entry(path.name.removesuffix(".delegation.json"), f"fog-signer ({scope})",
+                         path, _from_unix(d.expires)))  # fmt: skip
     out += [Entry(c.name, c.role, c.cert, c.not_after) for c in credentials(folder)]
     return out
+
+
+def _from_unix(ts: float) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -370,9 +390,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"days of validity; negative makes an expired certificate (default: {DEFAULT_DAYS})",
     )  # fmt: skip
     s = sub.add_parser(
+        "delegate",
+        help="make a fog's model-signing key, certified by the root signing key for a scope",
+        description="Make NAME.sign.key (0600), a new Ed25519 key for fog NAME, and "
+        "NAME.delegation.json (0644), the root signing key's delegation of it for the given "
+        "sites and model names until an expiry. Needs signing.key in the key folder; copy "
+        "both files to the fog.",
+    )
+    common(s)
+    s.add_argument("name", metavar="NAME", help="the fog signer name, e.g. fog-f0")
+    s.add_argument(
+        "--site", action="append", default=None, metavar="SITE",
+        help="a site in scope; repeat for several (default: * = any)",
+    )  # fmt: skip
+    s.add_argument(
+        "--models", default="*", metavar="A,B,C",
+        help="comma-separated model names in scope (default: * = any)",
+    )  # fmt: skip
+    s.add_argument(
+        "--days", type=int, default=DELEGATION_DAYS,
+        help=f"days until the delegation expires (default: {DELEGATION_DAYS})",
+    )  # fmt: skip
+    s = sub.add_parser(
         "list",
-        help="show the CA, signing key and issued certificates with expiry dates",
-        description="List what the key folder holds, with each certificate's expiry.",
+        help="show the CA, signing keys and issued certificates with expiry dates",
+        description="List what the key folder holds, with the expiry of each certificate and "
+        "fog signing delegation.",
     )
     common(s)
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -424,6 +467,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.keys_command == "devices":
         return _devices(folder, args)
+    if args.keys_command == "delegate":
+        return _delegate(folder, args)
     now = dt.datetime.now(dt.UTC)
     rows = entries(folder)
     if args.json:
@@ -448,6 +493,35 @@ def run(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _delegate(folder: Path, args: argparse.Namespace) -> int:
+    """`fogline keys delegate`: a fog signing key and the root's delegation of it."""
+    from fogline import signing  # it imports this module
+
+    sites = args.site or [signing.ANY]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models or not all(s.strip() for s in sites):
+        raise KeysError("--site and --models need at least one non-empty name")
+    root_path = folder / "signing.key"
+    if not root_path.is_file():
+        raise KeysError(
+            f"no root signing key {root_path}; run `fogline keys init --dir {folder}` first "
+            "(or put the offline signing.key back there for this step)"
+        )
+    root = signing.load_root_private(root_path)
+    expires = time.time() + args.days * 86400
+    key, delegation = signing.delegate(
+        root, args.name, sites=[s.strip() for s in sites], models=models, expires=expires
+    )
+    key_path, delegation_path = signing.write_signer(folder, args.name, key, delegation)
+    until = _from_unix(delegation.expires)
+    print(f"wrote {key_path}, {delegation_path} (fog {delegation.fog}, sites "
+          f"{','.join(delegation.sites)}, models {','.join(delegation.models)}, expires "
+          f"{f'{until:%Y-%m-%d %H:%M} UTC' if until else delegation.expires})")  # fmt: skip
+    print(f"copy both to fog {args.name}'s key folder; edges need only {folder / 'signing.pub'}",
+          file=sys.stderr)  # fmt: skip
     return 0
 
 
