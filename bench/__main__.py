@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import brokers, nodered
 from bench import models as models_bench
-from bench import nodered
 from bench.common import heading
 from fogline.broker import Broker
 from fogline.codec import Telemetry, encode_telemetry
@@ -487,6 +487,11 @@ BENCHMARKS: dict[str, tuple[str, Any, Any]] = {
         "inference cost, sizes and accuracy per flavour",
         models_bench.run,
         models_bench.render,
+    ),
+    "brokers": (
+        "the pipeline on NATS's MQTT listener against Mosquitto, same load",
+        brokers.run,
+        brokers.render,
     ),
 }
 

@@ -285,7 +285,11 @@ def run(quick: bool) -> dict[str, Any]:
                 raw.append({"received": got, "seconds": secs, "msgs_per_s": got / secs})
             nr = _node_red_runs(stack, red, broker.port, qos, path, n, repeats, tmp)
             edge = _edge_runs(stack, broker.port, qos, n, repeats, tmp)
-            q = {"raw": _median(raw), "node_red": _median(nr), "edge": _median(edge)}
+            q: dict[str, Any] = {
+                "raw": _median(raw),
+                "node_red": _median(nr),
+                "edge": _median(edge),
+            }
             q["edge_publisher_s"] = [round(r["publisher_s"], 2) for r in edge]
             res["qos"][str(qos)] = q
             parts = [

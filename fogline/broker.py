@@ -41,7 +41,7 @@ _live: set[Broker] = set()
 
 
 class BrokerError(FoglineError):
-    """Mosquitto could not be found, configured, started or stopped; the message says what to do."""
+    """A broker could not be found, configured, started or stopped; the message says what to do."""
 
     def __init__(self, message: str, *, log_tail: str = "") -> None:
         full = (
@@ -101,6 +101,9 @@ def _probe_host(host: str) -> str:
 class Broker:
     """A Mosquitto process on its own port and data folder, for tests, demos and local runs."""
 
+    #: The broker program, as named in log lines and errors (subclasses run other brokers).
+    product = "mosquitto"
+
     def __init__(
         self,
         *,
@@ -141,7 +144,7 @@ class Broker:
         return f"mqtt://{host}:{self.port}"
 
     def is_running(self) -> bool:
-        """Return True while the mosquitto process is alive."""
+        """Return True while the broker process is alive."""
         return self._proc is not None and self._proc.poll() is None
 
     def render(self) -> Path:
@@ -221,10 +224,10 @@ class Broker:
         return {k: v for k, v in values.items() if k not in self.extra}
 
     def start(self, timeout: float = 10.0) -> Broker:
-        """Start mosquitto and wait until it accepts an MQTT connection; return self."""
+        """Start the broker and wait until it accepts an MQTT connection; return self."""
         if self.is_running():
             return self
-        binary = find_mosquitto()
+        binary = self._binary()
         deadline = time.monotonic() + timeout
         for attempt in itertools.count(1):
             self.render()
@@ -232,24 +235,28 @@ class Broker:
             self._spawn(binary)
             outcome = self._wait_ready(deadline)
             if outcome == "ready":
-                log.info("mosquitto started at %s (pid %s)", self.url, self.pid)
+                log.info("%s started at %s (pid %s)", self.product, self.url, self.pid)
                 return self
             tail = self._log_tail(offset)
             if outcome == "timeout":
                 self.stop()
                 raise BrokerError(
-                    f"mosquitto at {self.url} did not accept an MQTT connection within "
+                    f"{self.product} at {self.url} did not accept an MQTT connection within "
                     f"{timeout:.1f}s; check {self.log_path}",
                     log_tail=tail,
                 )
             code = self._proc.returncode if self._proc else None
             self.stop()  # reap it and forget it
-            in_use = "Address already in use" in tail
+            # Mosquitto says "Address already in use", nats-server "address already in use".
+            in_use = "address already in use" in tail.lower()
             if in_use and self._auto_port and attempt < _PORT_RETRIES:
                 old = self.port
-                self.port = find_free_port(self.host)
+                self._new_ports()
                 log.info(
-                    "port %d was taken before mosquitto bound it; retrying on %d", old, self.port
+                    "port %d was taken before %s bound it; retrying on %d",
+                    old,
+                    self.product,
+                    self.port,
                 )
                 continue
             hint = (
@@ -258,13 +265,13 @@ class Broker:
                 else f"see {self.log_path} and the rendered config {self.conf_path}"
             )
             raise BrokerError(
-                f"mosquitto exited with code {code} during start-up; {hint}",
+                f"{self.product} exited with code {code} during start-up; {hint}",
                 log_tail=tail,
             )
         raise AssertionError("unreachable")  # pragma: no cover
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop mosquitto with SIGTERM (SIGKILL after `timeout`); safe to call repeatedly."""
+        """Stop the broker with SIGTERM (SIGKILL after `timeout`); safe to call repeatedly."""
         proc = self._proc
         if proc is None:
             return
@@ -274,23 +281,26 @@ class Broker:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning(
-                    "mosquitto pid %d ignored SIGTERM for %.1fs; killing it", proc.pid, timeout
+                    "%s pid %d ignored SIGTERM for %.1fs; killing it",
+                    self.product,
+                    proc.pid,
+                    timeout,
                 )
                 proc.kill()
                 proc.wait()
-            log.info("mosquitto at %s stopped", self.url)
+            log.info("%s at %s stopped", self.product, self.url)
         self._proc = None
         _live.discard(self)
 
     def kill(self) -> None:
-        """Kill mosquitto with SIGKILL, without letting it save its database (for chaos tests)."""
+        """Kill the broker with SIGKILL, without letting it save its state (for chaos tests)."""
         proc = self._proc
         if proc is None:
             return
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            log.info("mosquitto at %s killed", self.url)
+            log.info("%s at %s killed", self.product, self.url)
         self._proc = None
         _live.discard(self)
 
@@ -306,6 +316,14 @@ class Broker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def _binary(self) -> str:
+        """The broker program to run as `BINARY -c CONF_PATH`."""
+        return find_mosquitto()
+
+    def _new_ports(self) -> None:
+        """Pick new free ports after losing a race for one during start-up."""
+        self.port = find_free_port(self.host)
 
     def _spawn(self, binary: str) -> None:
         with self.log_path.open("ab") as log_file:
@@ -363,7 +381,7 @@ class Broker:
             end = time.monotonic() + timeout
             while not ok and time.monotonic() < end:
                 # Something else may own the port (we lost a race for it): stop probing as soon
-                # as our mosquitto exits instead of waiting for a CONNACK that will never come.
+                # as our broker exits instead of waiting for a CONNACK that will never come.
                 if self._proc is None or self._proc.poll() is not None:
                     break
                 if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:

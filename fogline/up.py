@@ -17,8 +17,10 @@ from typing import Any
 
 from fogline import keys
 from fogline.broker import Broker
+from fogline.errors import ConfigError
 from fogline.fleet import edge_ids
 from fogline.monitor import Monitor
+from fogline.nats import NatsBroker
 from fogline.progress import bar
 from fogline.report import build_report, format_report
 from fogline.security import apply_client_security, client_flags
@@ -32,6 +34,7 @@ CHILD_METRICS_INTERVAL = 0.5
 EDGE_CATCH_UP = 20.0
 MONITOR = "monitor-up"
 RENEW_BEFORE = dt.timedelta(days=1)
+BROKERS = ("mosquitto", "nats")
 
 
 def say(*parts: str, end: str = "\n") -> None:
@@ -76,6 +79,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--secure", action="store_true",
         help="TLS broker with a password and ACL per process; keys in DATA_DIR/keys",
     )  # fmt: skip
+    p.add_argument(
+        "--broker", choices=BROKERS, default=None,
+        help="the MQTT broker to start: mosquitto, or nats (nats-server's MQTT listener with "
+        "JetStream) (default: mosquitto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--broker-host", default=None,
+        help="host of an already running MQTT broker to use instead of starting one "
+        "(with --broker-port; default: 127.0.0.1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--broker-port", type=int, default=None,
+        help="port of an already running MQTT broker to use; no broker is started or stopped",
+    )  # fmt: skip
+
+
+def check_broker_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the broker flags of `fogline up`, or None."""
+    kind = getattr(args, "broker", None)
+    port = getattr(args, "broker_port", None)
+    secure = bool(getattr(args, "secure", False))
+    if getattr(args, "broker_host", None) is not None and port is None:
+        return "--broker-host needs --broker-port (the port of the running broker)"
+    if port is not None:
+        if not 1 <= port <= 65535:
+            return f"--broker-port {port} is not a TCP port"
+        if kind is not None:
+            return "--broker names a broker to start; with --broker-port none is started"
+        if secure:
+            return "--secure starts its own broker with a login per process; drop --broker-port"
+    if kind == "nats" and secure:
+        return (
+            "--secure is for Mosquitto only (its TLS listener, password file and ACL are "
+            "rendered from mosquitto/secure.conf.tmpl); use --broker mosquitto"
+        )
+    return None
 
 
 def prepare_keys(folder: Path, names: list[str]) -> None:
@@ -104,7 +143,17 @@ class Pipeline:
         self.edges = edge_ids(args.edges)
         self.secure = bool(getattr(args, "secure", False))
         self.keys_dir = self.data_dir / "keys"
-        if self.secure:
+        problem = check_broker_args(args)
+        if problem:
+            raise ConfigError("broker", problem)
+        kind = getattr(args, "broker", None) or "mosquitto"
+        #: None when the processes use an already running broker (`--broker-port`).
+        self.broker: Broker | None
+        if getattr(args, "broker_port", None) is not None:
+            self.broker = None
+        elif kind == "nats":
+            self.broker = NatsBroker(data_dir=self.data_dir / "broker")
+        elif self.secure:
             prepare_keys(self.keys_dir, [f"cloud-{CLOUD}", f"fog-{FOG}", f"device-sim-{SIM}",
                                          *[f"edge-{e}" for e in self.edges], MONITOR])  # fmt: skip
             self.broker = Broker(
@@ -121,10 +170,30 @@ class Pipeline:
         self.timing: dict[str, float] = {}
         self._t0 = 0.0
 
+    @property
+    def broker_host(self) -> str:
+        """The host the processes connect to."""
+        if self.broker is None:
+            return str(self.args.broker_host or "127.0.0.1")
+        return self.broker.host
+
+    @property
+    def broker_port(self) -> int:
+        """The MQTT port the processes connect to (known once the broker has started)."""
+        return int(self.args.broker_port) if self.broker is None else self.broker.port
+
+    @property
+    def broker_url(self) -> str:
+        """`mqtt://host:port` of the broker in use."""
+        if self.broker is not None:
+            return self.broker.url
+        host = f"[{self.broker_host}]" if ":" in self.broker_host else self.broker_host
+        return f"mqtt://{host}:{self.broker_port}"
+
     def _argv(self, module: str, ident: str, *extra: str) -> list[str]:
         return [
-            sys.executable, "-m", module, "--id", ident, "--broker-host", self.broker.host,
-            "--broker-port", str(self.broker.port), "--topic-root", self.topics.root,
+            sys.executable, "-m", module, "--id", ident, "--broker-host", self.broker_host,
+            "--broker-port", str(self.broker_port), "--topic-root", self.topics.root,
             "--data-dir", str(self.data_dir),
             "--metrics-interval", str(CHILD_METRICS_INTERVAL),
             "--shutdown-timeout", str(self.args.shutdown_timeout), *self._login(module, ident),
@@ -142,12 +211,13 @@ class Pipeline:
         return client_flags(cred, self.keys_dir / "ca.crt")
 
     def start(self) -> None:
-        """Start the broker, then the layers from the cloud down."""
-        self.broker.start()
+        """Start the broker (unless one is given), then the layers from the cloud down."""
         (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "run" / "broker.pid").write_text(f"{self.broker.pid}\n")
-        (self.data_dir / "run" / "broker.port").write_text(f"{self.broker.port}\n")
-        monitor = Monitor(host=self.broker.host, port=self.broker.port, topics=self.topics)
+        if self.broker is not None:
+            self.broker.start()
+            (self.data_dir / "run" / "broker.pid").write_text(f"{self.broker.pid}\n")
+        (self.data_dir / "run" / "broker.port").write_text(f"{self.broker_port}\n")
+        monitor = Monitor(host=self.broker_host, port=self.broker_port, topics=self.topics)
         if self.secure:
             me = keys.credential(self.keys_dir, MONITOR)
             apply_client_security(
@@ -174,9 +244,14 @@ class Pipeline:
             ),
         )  # fmt: skip
         say(
-            f"fogline up: broker {self.broker.url}, {a.devices} devices, {len(self.edges)} edges; "
-            f"data in {self.data_dir}"
+            f"fogline up: {self._broker_name()} {self.broker_url}, {a.devices} devices, "
+            f"{len(self.edges)} edges; data in {self.data_dir}"
         )
+
+    def _broker_name(self) -> str:
+        if self.broker is None:
+            return "external broker"
+        return "NATS broker" if isinstance(self.broker, NatsBroker) else "broker"
 
     def _wait_online(self, who: list[tuple[str, str]], timeout: float = 20.0) -> None:
         """Wait until every listed process reports `online` (receivers subscribe before data)."""
@@ -268,7 +343,8 @@ class Pipeline:
         finally:
             if self.monitor is not None:
                 self.monitor.stop()
-            self.broker.stop()
+            if self.broker is not None:
+                self.broker.stop()
             for name in ("broker.pid", "broker.port"):
                 (self.data_dir / "run" / name).unlink(missing_ok=True)
 
@@ -348,6 +424,10 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     """
     if args.devices < 1 or args.edges < 1 or args.duration < 0:
         print("fogline up: --devices and --edges must be >= 1, --duration >= 0", file=sys.stderr)
+        return 2
+    problem = check_broker_args(args)
+    if problem:
+        print(f"fogline up: {problem}", file=sys.stderr)
         return 2
     if args.clean and args.data_dir.exists():
         shutil.rmtree(args.data_dir)
