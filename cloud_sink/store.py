@@ -70,6 +70,14 @@ _MIGRATIONS = [
     """
     ALTER TABLE events ADD COLUMN repeats INTEGER
     """,
+    # Model rollouts: every step a fog took and every edge's install answer.
+    """
+    CREATE TABLE model_events (
+        src TEXT NOT NULL, seq INTEGER NOT NULL, fog TEXT, name TEXT NOT NULL,
+        version INTEGER NOT NULL, event TEXT NOT NULL, edge TEXT, detail TEXT, ts REAL,
+        stored REAL NOT NULL, PRIMARY KEY (src, seq));
+    CREATE INDEX model_events_name ON model_events(name, version)
+    """,
 ]
 
 
@@ -158,6 +166,13 @@ def _summary(src: str, rec: Record, now: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _opt_text(body: dict[str, Any], key: str, limit: int = 1000) -> str | None:
+    v = body.get(key)
+    if v is not None and (not isinstance(v, str) or len(v) > limit):
+        raise InvalidRecord(f"{key} must be text of at most {limit} characters")
+    return v
+
+
 def _opt_str(body: dict[str, Any], key: str) -> str | None:
     return None if body.get(key) is None else _str(body, key)
 
@@ -242,6 +257,16 @@ def _rollup(src: str, rec: Record, now: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _model_event(src: str, rec: Record, now: float) -> dict[str, Any]:
+    b = rec.body
+    return {
+        "src": src, "seq": rec.seq, "fog": _str(b, "fog"), "name": _str(b, "name"),
+        "version": _int(b, "version"), "event": _str(b, "event"),
+        "edge": _opt_str(b, "edge"), "detail": _opt_text(b, "detail"),
+        "ts": _num(b, "ts"), "stored": now,
+    }  # fmt: skip
+
+
 class Store:
     """The cloud database: one file, WAL, migrated on open."""
 
@@ -256,9 +281,8 @@ class Store:
     def apply(self, batches: list[tuple[str, Batch]], now: float | None = None) -> Counter[str]:
         """Store the new records of `(stream, batch)` pairs in one transaction; returns counts."""
         now = time.time() if now is None else now
-        rows: dict[str, list[dict[str, Any]]] = {
-            k: [] for k in ("summaries", "events", "drops", "drop_ranges", "rollups", "rejected")
-        }
+        tables = ("summaries", "events", "drops", "drop_ranges", "rollups", "model_events")
+        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in (*tables, "rejected")}
         counts: Counter[str] = Counter()
         with self.db.atomic():
             for stream, batch in batches:
@@ -274,6 +298,8 @@ class Store:
                             rows["drop_ranges"] += ranges
                         elif rec.kind == "rollup":
                             rows["rollups"].append(_rollup(stream, rec, now))
+                        elif rec.kind == "model":
+                            rows["model_events"].append(_model_event(stream, rec, now))
                         else:
                             raise InvalidRecord(f"unknown record kind {rec.kind!r}")
                         counts[rec.kind] += 1

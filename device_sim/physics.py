@@ -168,7 +168,13 @@ class Fleet:
     """Machines `first .. first+n-1` of a fleet: operating regime, sensors, faults."""
 
     def __init__(
-        self, *, n: int, first: int = 0, seed: int = 1, mix: FaultMix | None = None
+        self,
+        *,
+        n: int,
+        first: int = 0,
+        seed: int = 1,
+        mix: FaultMix | None = None,
+        ambient_offset: float = 0.0,
     ) -> None:
         if n < 1 or first < 0:
             raise ValueError(f"need n >= 1 and first >= 0, not n={n}, first={first}")
@@ -190,7 +196,8 @@ class Fleet:
             load_day * np.cos(load_phase),
             load_day * np.sin(load_phase),
         )
-        self._amb_mean = draw(5, 15.0, 30.0)
+        # The site's climate: machines in a hot plant run warmer than the ones models know.
+        self._amb_mean = draw(5, 15.0, 30.0) + ambient_offset
         amb_day, amb_phase = draw(6, 2.0, 6.0), 2 * np.pi * draw(7, 13.0, 17.0) / 24
         self._amb_cos, self._amb_sin = amb_day * np.cos(amb_phase), amb_day * np.sin(amb_phase)
         self._rise_m = draw(8, 35.0, 55.0)

@@ -66,6 +66,10 @@ class SimConfig(ServiceConfig):
     fault_horizon_h: float = setting(
         1.0, "Faults start within this many simulated hours.", minimum=0.001
     )
+    ambient_offset: float = setting(
+        0.0, "Degrees C added to every machine's ambient temperature (a hotter or colder site).",
+        minimum=-40.0, maximum=60.0,
+    )  # fmt: skip
     wear_hours: list[float] = setting(
         [0.5, 2.0], "Onset-to-failure range in simulated hours for wearing faults (min,max)."
     )
@@ -118,8 +122,9 @@ class DeviceSim(Service):
         super().__init__(config)
         self.cfg = config
         self.fleet = Fleet(
-            n=config.devices, first=config.first_device, seed=config.seed, mix=config.fault_mix()
-        )
+            n=config.devices, first=config.first_device, seed=config.seed,
+            mix=config.fault_mix(), ambient_offset=config.ambient_offset,
+        )  # fmt: skip
         indexes = range(config.first_device, config.first_device + config.devices)
         self.devices = [device_id(i) for i in indexes]
         self.edges = [edge_of(i, config.edges) for i in indexes]

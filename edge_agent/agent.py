@@ -12,24 +12,37 @@ from typing import Any
 from edge_agent.core import EdgeCore, Record, Rules
 from edge_agent.decisions import EscalationRules, ModelDecisions
 from edge_agent.models import ModelDetector
+from edge_agent.ota import MIGRATIONS as OTA_MIGRATIONS
+from edge_agent.ota import Installer
 from fogline import aead
-from fogline.codec import Envelope, Escalation, Telemetry, decode, encode_escalation
+from fogline.codec import (
+    Envelope,
+    Escalation,
+    ModelAck,
+    ModelChunk,
+    Telemetry,
+    decode,
+    encode_escalation,
+    encode_model_ack,
+)
 from fogline.config import setting
 from fogline.custody import Outbox, SenderConfig, Uplink
 from fogline.db import connect, migrate, transaction
 from fogline.errors import ConfigError, DecodeError, FoglineError
 from fogline.logs import log_records
 from fogline.models.catalog import default_model_path
-from fogline.models.loaded import load_model
+from fogline.models.loaded import LoadedModel, load_model
+from fogline.models.push import EDGE_MODELS
 from fogline.service import Inbound, Service
+from fogline.signing import SignatureRejected, SignedManifest, load_root_public
 from fogline.topics import check_id
 
 log = logging.getLogger(__name__)
 
-MODEL_ROLES = ("anomaly", "classifier", "failure")
 
 _MIGRATIONS = [
     "CREATE TABLE devices (device TEXT PRIMARY KEY, expected INTEGER NOT NULL)",
+    *OTA_MIGRATIONS,
 ]
 
 
@@ -86,6 +99,12 @@ class EdgeConfig(SenderConfig):
     require_encryption: bool = setting(
         False, "Refuse telemetry sent in clear (reason not_encrypted); needs aead_keys."
     )
+    ota_root_key: str = setting(
+        "", "Root public key (signing.pub) model updates must chain to ('' = no updates)."
+    )
+    ota_max_bytes: int = setting(
+        16 * 1024 * 1024, "Largest model update accepted, in bytes.", minimum=1024
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -113,7 +132,9 @@ class EdgeAgent(Service):
         self.ack_topic = self.topics.ack("edge", config.id)
         self.fog_status = self.topics.status("fog", config.fog_id)
         self.reply_topic = self.topics.esc_reply(config.id)
+        self.model_topics = self.topics.model_sub(config.fog_id)[:-1]  # manifests and chunks
         self.decisions: ModelDecisions | None = None
+        self.installer: Installer | None = None
         self.keystore: aead.KeyStore | None = None
         self._keys_checked = 0.0
         if config.aead_keys:
@@ -132,6 +153,8 @@ class EdgeAgent(Service):
         migrate(self.db, "edge", _MIGRATIONS)
         expected = dict(self.db.execute("SELECT device, expected FROM devices").fetchall())
         if self.cfg.detector == "models":
+            if self.cfg.ota_root_key:
+                self.installer = self._installer()
             self.decisions = self._load_decisions()
         window = self.cfg.window
         if self.decisions is not None and self.decisions.detector.window is not None:
@@ -152,8 +175,42 @@ class EdgeAgent(Service):
             publish=lambda topic, payload: self.publish(topic, payload, qos=1),
         )
 
+    def _installer(self) -> Installer:
+        try:
+            root = load_root_public(Path(self.cfg.ota_root_key))
+        except FoglineError as exc:
+            raise ConfigError("ota_root_key", str(exc)) from exc
+        return Installer(
+            self.db,
+            self.cfg.data_dir / f"edge-{self.cfg.id}" / "models",
+            root,
+            self.cfg.id,
+            names=EDGE_MODELS,
+            running=self._running_version,
+            switch=self._switch,
+            fetch=self._fetch_chunks,
+            max_bytes=self.cfg.ota_max_bytes,
+        )
+
+    def _fetch_chunks(self, name: str, on: bool) -> None:
+        """Subscribe to (or leave) the retained chunks of model `name`."""
+        topic = self.topics.model_chunks_sub(self.cfg.fog_id, name)
+        if on:
+            self.client.subscribe(topic, qos=1)
+        else:
+            self.client.unsubscribe(topic)
+
+    def _running_version(self, role: str) -> int:
+        if self.decisions is None or role not in self.decisions.detector.models:
+            return 0
+        return self.decisions.detector.models[role].version
+
     def _load_decisions(self) -> ModelDecisions:
-        models = {role: load_model(self.cfg.model_path(role)) for role in MODEL_ROLES}
+        models = {role: load_model(self.cfg.model_path(role)) for role in EDGE_MODELS}
+        if self.installer is not None:
+            for name, installed in self.installer.current().items():
+                model = load_model(installed.path)
+                models[name] = dataclasses.replace(model, version=installed.version)
         for m in models.values():
             log.info("model %s from %s", m.label, m.path)
         detector = ModelDetector(
@@ -171,15 +228,12 @@ class EdgeAgent(Service):
         )
         return ModelDecisions(self.cfg.id, detector, rules)
 
-    def replace_model(self, role: str, path: Path) -> str:
-        """Load a model and use it from the next batch on; returns its `name@version`."""
-        if self.decisions is None:
-            raise ValueError("this edge decides with the z-score rule, not with models")
-        model = load_model(path)
+    def _switch(self, role: str, model: LoadedModel) -> None:
+        """Use `model` for `role` from the next batch on (called between two batches)."""
+        assert self.decisions is not None
         self.decisions.detector.replace(role, model)
         log.info("now using %s for %s", model.label, role)
         self.publish_status()
-        return model.label
 
     def status_extra(self) -> dict[str, Any]:
         if self.decisions is None:
@@ -193,6 +247,7 @@ class EdgeAgent(Service):
             self.ack_topic,
             self.fog_status,
             self.reply_topic,
+            *([self.topics.model_sub(self.cfg.fog_id)] if self.installer is not None else []),
         ]
 
     def accepts(self, topic: str) -> bool:
@@ -218,10 +273,36 @@ class EdgeAgent(Service):
                     self.reject(exc.reason, m.topic, m.payload, exc.detail)
             elif m.topic == self.reply_topic:
                 records += self._reply(m)
+            elif m.topic.startswith(self.model_topics):
+                self._model_update(m, now)
             else:
                 records += self._telemetry(m, now)
         records += self._decide(now)
         self._commit(records, now)
+
+    def _model_update(self, m: Inbound, now: float) -> None:
+        """A manifest or a chunk of a model update (an empty payload clears a retained one)."""
+        if self.installer is None or not m.payload:
+            return
+        ack: ModelAck | None
+        try:
+            env = decode(m.payload)
+            if isinstance(env.body, ModelChunk):
+                ack = self.installer.on_chunk(env.body)
+            elif env.kind == "manifest":
+                ack = self.installer.on_manifest(SignedManifest.from_dict(env.body), now)
+            else:
+                raise DecodeError("unexpected_kind", f"{env.kind!r} on a model topic")
+        except DecodeError as exc:
+            self.reject(exc.reason, m.topic, m.payload, exc.detail)
+            return
+        except SignatureRejected as exc:
+            self.reject(f"manifest_{exc.reason}", m.topic, m.payload, exc.detail)
+            return
+        if ack is not None:
+            self.counters[f"models.{ack.status}"] += 1
+            payload = encode_model_ack(self.cfg.id, ack, seq=self.next_seq(), ts=now)
+            self.publish(self.topics.model_ack(self.cfg.id), payload, qos=1)
 
     def _reply(self, m: Inbound) -> list[Record]:
         if self.decisions is None:
@@ -340,6 +421,7 @@ class EdgeAgent(Service):
                 f"decisions.{k}": v
                 for k, v in (self.decisions.stats if self.decisions else {}).items()
             },
+            **{f"ota.{k}": v for k, v in (self.installer.stats if self.installer else {}).items()},
         }
 
     def on_stopped(self) -> None:

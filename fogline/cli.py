@@ -17,6 +17,7 @@ from fogline.broker import Broker
 from fogline.errors import FoglineError
 from fogline.models import build as models_build
 from fogline.models import inspect as models_inspect
+from fogline.models import push as models_push
 from fogline.report import build_report, format_report
 
 
@@ -161,10 +162,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "models",
-        help="build the edge and fog models, or inspect a .tflite file",
+        help="build the edge and fog models, inspect a .tflite file, push one to the edges",
         description="Train the anomaly, classifier, failure and fog_classifier models from a "
-        "scenario's simulated fleet and write them as .tflite (build), or show what a .tflite "
-        "file holds (inspect).",
+        "scenario's simulated fleet and write them as .tflite (build), show what a .tflite "
+        "file holds (inspect), or hand one to a fog for a signed canary rollout (push).",
     )
     models = s.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     _add(
@@ -183,6 +184,15 @@ def parser() -> argparse.ArgumentParser:
         help="show ops, tensors, quantisation, signatures and metadata of a .tflite file",
         description="Validate a .tflite file and print what it holds. Exit status 2 when the "
         "validator rejects it, with the reason.",
+    )
+    _add(
+        models,
+        "push",
+        models_push,
+        help="queue a model at a fog, which signs it and rolls it out (canary first)",
+        description="Validate a .tflite file and put it into the fog's incoming/ folder; the "
+        "fog gives it the next version, signs the manifest and rolls it out to a canary share "
+        "of its edges, then promotes it or rolls it back. Exit status 2 when refused.",
     )
     return p
 

@@ -17,7 +17,12 @@ import numpy as np
 from fogline.errors import DecodeError
 
 VERSION = 1
-KINDS = ("tele", "batch", "ack", "status", "metrics", "dlq", "esc", "esc_reply")
+KINDS = (
+    "tele", "batch", "ack", "status", "metrics", "dlq", "esc", "esc_reply",
+    "manifest", "chunk", "model_ack",
+)  # fmt: skip
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+MODEL_ACK_STATUSES = ("installed", "rejected")
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_SAMPLES = 100_000
 MAX_FIELDS = 64
@@ -101,6 +106,27 @@ class EscalationReply:
     fault: str
     confidence: float
     model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChunk:
+    """Bytes `index * chunk_size ...` of version `version` of model `name`."""
+
+    name: str
+    version: int
+    index: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ModelAck:
+    """An edge's answer to a model manifest: `installed`, or `rejected` with a reason."""
+
+    name: str
+    version: int
+    status: str
+    reason: str = ""
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +239,29 @@ def encode_escalation_reply(src: str, reply: EscalationReply, *, seq: int, ts: f
         "model": reply.model,
     }
     return _pack("esc_reply", src, seq, ts, body)
+
+
+def encode_manifest(src: str, signed: dict[str, Any], *, seq: int, ts: float) -> bytes:
+    """Encode a signed model manifest (`fogline.signing.SignedManifest.to_dict()`)."""
+    return _pack("manifest", src, seq, ts, signed)
+
+
+def encode_chunk(src: str, chunk: ModelChunk, *, seq: int, ts: float) -> bytes:
+    """Encode one chunk of a model's bytes."""
+    body = {"name": chunk.name, "version": chunk.version, "index": chunk.index, "data": chunk.data}
+    return _pack("chunk", src, seq, ts, body)
+
+
+def encode_model_ack(src: str, ack: ModelAck, *, seq: int, ts: float) -> bytes:
+    """Encode an edge's answer to a model manifest."""
+    body = {
+        "name": ack.name,
+        "version": ack.version,
+        "status": ack.status,
+        "reason": ack.reason,
+        "detail": ack.detail,
+    }
+    return _pack("model_ack", src, seq, ts, body)
 
 
 def encode_plain(kind: str, src: str, body: dict[str, Any], *, seq: int, ts: float) -> bytes:
@@ -426,6 +475,36 @@ def _escalation_reply(body: Any, src: str) -> EscalationReply:
     return EscalationReply(body["id"], body["fault"], float(conf), body["model"])
 
 
+def _manifest(body: Any, src: str) -> dict[str, Any]:
+    # The fields and signatures are checked by `fogline.signing` (reason `malformed` and others).
+    keys = {"manifest", "signature", "delegation"}
+    _expect(isinstance(body, dict) and set(body) == keys, "wrong_type", "manifest keys")
+    return body
+
+
+def _chunk(body: Any, src: str) -> ModelChunk:
+    keys = {"name", "version", "index", "data"}
+    _expect(isinstance(body, dict) and set(body) == keys, "wrong_type", "chunk keys")
+    _expect(_is_id(body["name"]), "wrong_type", "name")
+    _expect(_is_int(body["version"]) and body["version"] >= 1, "wrong_type", "version")
+    _expect(_is_int(body["index"]) and 0 <= body["index"] < 1_000_000, "wrong_type", "index")
+    data = body["data"]
+    _expect(isinstance(data, bytes), "wrong_type", "data is not bytes")
+    _expect(0 < len(data) <= MAX_CHUNK_BYTES, "bad_length", f"{len(data)} chunk bytes")
+    return ModelChunk(body["name"], body["version"], body["index"], data)
+
+
+def _model_ack(body: Any, src: str) -> ModelAck:
+    keys = {"name", "version", "status", "reason", "detail"}
+    _expect(isinstance(body, dict) and set(body) == keys, "wrong_type", "model ack keys")
+    _expect(_is_id(body["name"]), "wrong_type", "name")
+    _expect(_is_int(body["version"]) and body["version"] >= 0, "wrong_type", "version")
+    _expect(body["status"] in MODEL_ACK_STATUSES, "wrong_type", f"status {body['status']!r}")
+    for k in ("reason", "detail"):
+        _expect(isinstance(body[k], str) and len(body[k]) <= 1000, "wrong_type", k)
+    return ModelAck(body["name"], body["version"], body["status"], body["reason"], body["detail"])
+
+
 def _plain(body: Any, src: str) -> dict[str, Any]:
     _expect(isinstance(body, dict), "wrong_type", "body is not a map")
     return body
@@ -440,4 +519,7 @@ _BODY_DECODERS = {
     "dlq": _plain,
     "esc": _escalation,
     "esc_reply": _escalation_reply,
+    "manifest": _manifest,
+    "chunk": _chunk,
+    "model_ack": _model_ack,
 }

@@ -39,6 +39,18 @@ _ROLLUP_COLUMNS = (
     "fog", "edge", "t0", "t1", "readings", "summaries", "events", "dropped", "devices", "src",
     "seq", "stored",
 )  # fmt: skip
+_ROLLOUT_COLUMNS = (
+    "ts",
+    "fog",
+    "name",
+    "version",
+    "event",
+    "edge",
+    "detail",
+    "src",
+    "seq",
+    "stored",
+)
 # Columns of each query, in order (JSON and CSV carry all of them).
 COLUMNS: dict[str, tuple[str, ...]] = {
     "at-risk": (
@@ -49,6 +61,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "summaries": _SUMMARY_COLUMNS,
     "coverage": ("device", "edge", "produced", "covered", "dropped", "unaccounted", "duplicates"),
     "rollups": _ROLLUP_COLUMNS,
+    "rollouts": _ROLLOUT_COLUMNS,
 }  # fmt: skip
 # The narrower choice of the aligned table (`what` and `score` merge the two kinds of event).
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -60,6 +73,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "rollups": (
         "fog", "edge", "t0", "t1", "readings", "summaries", "events", "dropped", "devices",
     ),
+    "rollouts": ("ts", "fog", "name", "version", "event", "edge", "detail"),
 }  # fmt: skip
 # Columns holding Unix times, shown as local date and time in the table.
 TIME_COLUMNS = frozenset(("ts", "t0", "t1", "stored", "first_warning", "last_warning", "last_seen"))
@@ -237,6 +251,33 @@ def rollups(
     if limit:
         sql += f" LIMIT {int(limit)}"
     return _limited(_select(data_dir, sql, params), _newest("t1"), limit)
+
+
+def rollouts(
+    data_dir: Path,
+    *,
+    name: str | None = None,
+    edge: str | None = None,
+    limit: int | None = DEFAULT_LIMIT,
+) -> list[dict[str, Any]]:
+    """Model rollout history (every fog's steps and every edge's install answers), newest first;
+    empty for a store written before model rollouts existed."""
+    conds, params = [], []
+    for cond, value in (("name = ?", name), ("edge = ?", edge)):
+        if value is not None:
+            conds.append(cond)
+            params.append(value)
+    where = " WHERE " + " AND ".join(conds) if conds else ""
+    out: list[dict[str, Any]] = []
+    for path in cloud_stores(data_dir):
+        with _read_only(path) as conn:
+            known = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'model_events'"
+            ).fetchone()
+            if known:
+                sql = f"SELECT {', '.join(_ROLLOUT_COLUMNS)} FROM model_events{where}"
+                out += [dict(r) for r in conn.execute(sql, tuple(params))]
+    return _limited(out, _newest("ts", "seq"), limit)
 
 
 def _where(
@@ -465,6 +506,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "rollups", parents=[common, limit], help="stored per-edge rollups of the fogs, newest first"
     )
     s.add_argument("--edge", help="only this edge")
+    s = sub.add_parser(
+        "rollouts",
+        parents=[common, limit],
+        help="model rollout history: canaries, installs, rejections, promotions, rollbacks",
+        description="Every step of the fogs' model rollouts and every edge's answer, newest "
+        "first: canary, installed, rejected (with the reason), promoted, rolled_back, retrained, "
+        "not_published.",
+    )
+    s.add_argument("--name", help="only this model (anomaly, classifier, failure)")
+    s.add_argument("--edge", help="only the answers of this edge")
 
 
 def rows_for(args: argparse.Namespace, *, now: float) -> list[dict[str, Any]]:
@@ -484,6 +535,8 @@ def rows_for(args: argparse.Namespace, *, now: float) -> list[dict[str, Any]]:
         return coverage(args.data_dir, device=args.device)
     if q == "rollups":
         return rollups(args.data_dir, edge=args.edge, limit=args.limit)
+    if q == "rollouts":
+        return rollouts(args.data_dir, name=args.name, edge=args.edge, limit=args.limit)
     raise QueryError(f"unknown query {q!r}")
 
 

@@ -29,6 +29,7 @@ class Scenario:
     fault_rates: dict[str, float] = field(default_factory=dict)
     fault_horizon_h: float = 1.0
     wear_hours: tuple[float, float] = (0.5, 2.0)
+    ambient_offset: float = 0.0
     edge: dict[str, Any] = field(default_factory=dict)
 
     def sim_args(self) -> list[str]:
@@ -38,6 +39,7 @@ class Scenario:
             "--time-scale", str(self.time_scale), "--faults", rates or "none",
             "--fault-horizon-h", str(self.fault_horizon_h),
             "--wear-hours", f"{self.wear_hours[0]},{self.wear_hours[1]}",
+            "--ambient-offset", str(self.ambient_offset),
         ]  # fmt: skip
 
     def edge_args(self) -> list[str]:
@@ -121,6 +123,9 @@ def _check(sc: Scenario) -> None:
         isinstance(v, int | float) and 0 <= v <= 1 for v in sc.fault_rates.values()
     ):
         raise ConfigError("faults.rates", "must map fault kinds to probabilities in [0, 1]")
+    offset = sc.ambient_offset
+    if not isinstance(offset, int | float) or isinstance(offset, bool) or not -40 <= offset <= 60:
+        raise ConfigError("ambient_offset", f"{offset!r} must be degrees C in [-40, 60]")
     lo, hi = sc.wear_hours
     if not 0 < lo <= hi:
         raise ConfigError("faults.wear_hours", "must be [min, max] hours with 0 < min <= max")

@@ -102,7 +102,7 @@ def export_windows(sc: Scenario, path: Path, *, window: int) -> int:
     from device_sim.physics import FAULT_KINDS, FIELDS, FaultMix, Fleet
 
     mix = FaultMix(rates=sc.fault_rates, horizon_h=sc.fault_horizon_h, wear_hours=sc.wear_hours)
-    fleet = Fleet(n=sc.devices, first=0, seed=sc.seed, mix=mix)
+    fleet = Fleet(n=sc.devices, first=0, seed=sc.seed, mix=mix, ambient_offset=sc.ambient_offset)
     dt = sc.time_scale / sc.rate
     count = int(sc.duration * sc.rate) // window
     kinds = ["normal", *FAULT_KINDS]

@@ -203,7 +203,15 @@ class Tracker:
             "readings": _int_if_whole(counters.get(readings, 0.0)) if readings else None,
             "readings_per_s": rates.get(readings) if readings else None,
             "models": _models(p.status, gauges),
+            "rollouts": _rollouts(p.status),
         }
+
+
+def _rollouts(status: dict[str, Any]) -> dict[str, Any]:
+    """A fog's model rollouts from its status: per model the version, state, canaries, reason
+    and each edge's last answer."""
+    given = status.get("rollouts")
+    return dict(given) if isinstance(given, dict) else {}
 
 
 def _int_if_whole(v: float) -> float | int:
@@ -403,7 +411,8 @@ SHORT = {
 NARROW_DROP = frozenset(("pid", "uptime", "held", "train"))
 NARROW = 110  # terminal columns below which the dashboard is compact
 LEFT = frozenset(("layer", "process", "state", "edge", "models", "rejected", "evicted",
-                  "rejected, evicted"))  # fmt: skip
+                  "rejected, evicted", "fog", "model", "version", "canaries", "edges",
+                  "reason"))  # fmt: skip
 
 
 def _table(title: str, rows: list[dict[str, Any]], *, compact: bool) -> Table:
@@ -487,6 +496,34 @@ def _edges_table(edges: list[dict[str, Any]], *, compact: bool) -> Table:
     return _table("edge decisions", rows, compact=compact)
 
 
+def _rollouts_table(fogs: list[dict[str, Any]], *, compact: bool) -> Table:
+    rows = []
+    for p in fogs:
+        for name, r in sorted(p["rollouts"].items()):
+            if not isinstance(r, dict):
+                continue
+            given = r.get("edges")
+            edges: dict[str, Any] = given if isinstance(given, dict) else {}
+            answers = ", ".join(
+                f"{e} v{a.get('version')} {a.get('status')}"
+                + (f" ({a['reason']})" if a.get("reason") else "")
+                for e, a in sorted(edges.items())
+                if isinstance(a, dict)
+            )
+            rows.append(
+                {
+                    "fog": p["id"],
+                    "model": name,
+                    "version": f"v{r.get('version')}",
+                    "state": str(r.get("state")),
+                    "canaries": ", ".join(map(str, r.get("canaries") or [])) or "-",
+                    "edges": answers or "-",
+                    "reason": str(r.get("reason") or "-"),
+                }
+            )
+    return _table("model rollouts", rows, compact=compact)
+
+
 def render(
     snap: dict[str, Any], *, address: str = "", connected: bool = True, width: int = 120
 ) -> RenderableType:
@@ -508,6 +545,9 @@ def render(
     edges = [p for p in procs if p["role"] == "edge"]
     if edges:
         parts.append(_edges_table(edges, compact=compact))
+    rolling = [p for p in procs if p["role"] == "fog" and p["rollouts"]]
+    if rolling:
+        parts.append(_rollouts_table(rolling, compact=compact))
     warn = "warn = warnings sent" if compact else "warnings sent"
     foot = Text(
         f"readings/s over the last 10 s (the first 5 s: since each process started); {warn}: the "

@@ -87,6 +87,51 @@ class Topics:
         """Escalation replies to an edge."""
         return f"{self.root}/edge/{edge}/esc/reply"
 
+    # model updates: signed manifests and chunks (retained), install acks
+    def model(self, fog: str, name: str) -> str:
+        """The retained signed manifest of model `name` published by fog `fog`."""
+        return f"{self.root}/fog/{fog}/model/{name}"
+
+    def model_chunk(self, fog: str, name: str, index: int) -> str:
+        """Retained chunk `index` of the bytes of model `name`."""
+        return f"{self.root}/fog/{fog}/model/{name}/chunk/{index}"
+
+    def model_sub(self, fog: str) -> str:
+        """Subscription for the manifests of one fog."""
+        return f"{self.root}/fog/{fog}/model/+"
+
+    def model_chunks_sub(self, fog: str, name: str) -> str:
+        """Subscription for the chunks of model `name` (re-subscribing fetches them again)."""
+        return f"{self.root}/fog/{fog}/model/{name}/chunk/+"
+
+    def parse_model(self, topic: str) -> tuple[str, str, int | None]:
+        """Return `(fog, name, chunk index or None)` of a model topic, or raise DecodeError."""
+        prefix = f"{self.root}/fog/"
+        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+        ok = len(parts) in (3, 5) and parts[1] == "model"
+        ok = ok and all(_ID.fullmatch(p) for p in (parts[0], parts[2]))
+        if ok and len(parts) == 5:
+            ok = parts[3] == "chunk" and parts[4].isdigit() and len(parts[4]) <= 6
+        if not ok:
+            raise DecodeError("bad_topic", f"not a model topic: {topic!r}")
+        return parts[0], parts[2], int(parts[4]) if len(parts) == 5 else None
+
+    def model_ack(self, edge: str) -> str:
+        """An edge's answers to model manifests: installed, or rejected with the reason."""
+        return f"{self.root}/edge/{edge}/model/ack"
+
+    def model_ack_sub(self) -> str:
+        """Subscription for the model acks of every edge."""
+        return f"{self.root}/edge/+/model/ack"
+
+    def parse_model_ack(self, topic: str) -> str:
+        """Return the edge id of a model ack topic, or raise DecodeError."""
+        prefix = f"{self.root}/edge/"
+        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+        if len(parts) != 3 or parts[1:] != ["model", "ack"] or not _ID.fullmatch(parts[0]):
+            raise DecodeError("bad_topic", f"not a model ack topic: {topic!r}")
+        return parts[0]
+
     # service plumbing
     def status(self, role: str, ident: str) -> str:
         """Retained `online` / `offline` / `stopped` status of a process."""

@@ -44,6 +44,8 @@ PLACEHOLDERS = {
     "fog": "{fog}",
     "role": "{role}",
     "ident": "{id}",
+    "name": "{name}",
+    "index": "{index}",
 }
 # Builders whose `role` is a custody hop: documented once per sending role, not as `{role}`.
 CUSTODY_BUILDERS = ("up", "ack", "up_sub")
