@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import brokers, nodered
+from bench import brokers, nodered, ota
 from bench import models as models_bench
 from bench.common import heading
 from fogline.broker import Broker
@@ -492,6 +492,11 @@ BENCHMARKS: dict[str, tuple[str, Any, Any]] = {
         "the pipeline on NATS's MQTT listener against Mosquitto, same load",
         brokers.run,
         brokers.render,
+    ),
+    "ota": (
+        "retraining, detection before and after it on a drifted site, rollout to 100 edges",
+        ota.run,
+        ota.render,
     ),
 }
 

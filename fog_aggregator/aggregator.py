@@ -231,11 +231,13 @@ class FogAggregator(Service):
             except (FoglineError, ValueError, ArithmeticError) as exc:
                 log.error("retraining failed: %s", exc)
                 decision = None
-            self.call_soon(lambda: self._retrained(decision, trigger))
+            self.call_soon(lambda: self._retrained(decision, trigger, version))
 
         threading.Thread(target=job, name="fog-retrain", daemon=True).start()
 
-    def _retrained(self, decision: Decision | None, trigger: str) -> None:
+    def _retrained(self, decision: Decision | None, trigger: str, candidate: int) -> None:
+        """Record a retraining run and roll out its candidate if it passed the gate; a version
+        taken meanwhile (an operator's push) moves the candidate to the next one."""
         self._retraining = False
         self._last_retrain = time.time()
         self._drift_base = None
@@ -256,7 +258,7 @@ class FogAggregator(Service):
             )  # fmt: skip
         event = "retrained" if decision.publish else "not_published"
         self.rollouts.note(
-            "classifier", version or 0, event,
+            "classifier", version or candidate, event,
             f"{trigger}; {decision.reason}; {decision.samples} samples, {decision.seconds:.1f} s",
         )  # fmt: skip
 

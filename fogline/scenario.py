@@ -31,6 +31,7 @@ class Scenario:
     wear_hours: tuple[float, float] = (0.5, 2.0)
     ambient_offset: float = 0.0
     edge: dict[str, Any] = field(default_factory=dict)
+    fog: dict[str, Any] = field(default_factory=dict)
 
     def sim_args(self) -> list[str]:
         """Flags for `device-sim` that reproduce this scenario's fleet."""
@@ -44,10 +45,18 @@ class Scenario:
 
     def edge_args(self) -> list[str]:
         """Flags for `edge-agent` from the scenario's `[edge]` table."""
-        out = []
-        for key, value in self.edge.items():
-            out += ["--" + key.replace("_", "-"), str(value)]
-        return out
+        return _flags(self.edge)
+
+    def fog_args(self) -> list[str]:
+        """Flags for `fog-aggregator` from the scenario's `[fog]` table."""
+        return _flags(self.fog)
+
+
+def _flags(table: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in table.items():
+        out += ["--" + key.replace("_", "-"), str(value)]
+    return out
 
 
 def builtin_names() -> list[str]:
@@ -131,3 +140,5 @@ def _check(sc: Scenario) -> None:
         raise ConfigError("faults.wear_hours", "must be [min, max] hours with 0 < min <= max")
     if not isinstance(sc.edge, dict):
         raise ConfigError("edge", "must be a table of edge-agent settings")
+    if not isinstance(sc.fog, dict):
+        raise ConfigError("fog", "must be a table of fog-aggregator settings")

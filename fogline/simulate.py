@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         devices=sc.devices, edges=sc.edges, duration=sc.duration, data_dir=data_dir,
         rate=sc.rate, samples_per_message=sc.samples_per_message, time_scale=sc.time_scale,
         seed=sc.seed, clean=True, json=False, shutdown_timeout=15.0,
-        sim_extra=sc.sim_args(), edge_extra=sc.edge_args(),
+        sim_extra=sc.sim_args(), edge_extra=sc.edge_args(), fog_extra=sc.fog_args(),
     )  # fmt: skip
     up.say(f"fogline simulate: scenario {sc.name}: {sc.description}")
     status = up.run(up_args, quiet=True)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fogline import keys
+from fogline import keys, signing
 from fogline.broker import Broker
 from fogline.errors import ConfigError
 from fogline.fleet import edge_ids
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     # Extra flags for the processes (set by `fogline simulate` from a scenario).
-    p.set_defaults(sim_extra=[], edge_extra=[])
+    p.set_defaults(sim_extra=[], edge_extra=[], fog_extra=[])
     p.add_argument(
         "--shutdown-timeout", type=float, default=15.0,
         help="seconds each layer may take to deliver what it holds when stopping (default: 15)",
@@ -210,6 +210,26 @@ class Pipeline:
         cred = keys.credential(self.keys_dir, f"{role}-{ident}")
         return client_flags(cred, self.keys_dir / "ca.crt")
 
+    def _model_updates(self) -> tuple[list[str], list[str]]:
+        """Flags that let the fog sign model updates and the edges check them: the root signing
+        key and a delegation for the fog in DATA_DIR/keys, made on first use."""
+        keys.init(self.keys_dir)
+        try:
+            _, delegation = signing.load_signer(self.keys_dir, FOG)
+            fresh = delegation.expires > time.time() + 86400
+        except keys.KeysError:
+            fresh = False
+        if not fresh:
+            root = signing.load_root_private(self.keys_dir / "signing.key")
+            key, delegation = signing.delegate(
+                root, FOG, sites=["*"], models=["*"], expires=time.time() + 90 * 86400
+            )
+            signing.write_signer(self.keys_dir, FOG, key, delegation)
+        return (
+            ["--signing-dir", str(self.keys_dir)],
+            ["--ota-root-key", str(self.keys_dir / "signing.pub")],
+        )
+
     def start(self) -> None:
         """Start the broker (unless one is given), then the layers from the cloud down."""
         (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
@@ -227,11 +247,16 @@ class Pipeline:
         self.monitor = monitor.start()
         a = self.args
         self.sup.add(f"cloud-{CLOUD}", self._argv("cloud_sink", CLOUD))
-        self.sup.add(f"fog-{FOG}", self._argv("fog_aggregator", FOG, "--cloud-id", CLOUD))
+        ota_fog, ota_edge = self._model_updates()
+        fog_extra = getattr(self.args, "fog_extra", [])
+        self.sup.add(
+            f"fog-{FOG}",
+            self._argv("fog_aggregator", FOG, "--cloud-id", CLOUD, *ota_fog, *fog_extra),
+        )
         for e in self.edges:
             self.sup.add(
                 f"edge-{e}",
-                self._argv("edge_agent", e, "--fog-id", FOG, *self.args.edge_extra),
+                self._argv("edge_agent", e, "--fog-id", FOG, *ota_edge, *self.args.edge_extra),
             )
         self._wait_online([("cloud", CLOUD), ("fog", FOG), *[("edge", e) for e in self.edges]])
         self.sup.add(
