@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.common import heading
 from edge_agent.ota import MIGRATIONS, Installer
-from fog_aggregator.retrain import retrain_classifier
+from fog_aggregator.retrain import retrain
 from fog_aggregator.rollout import MIGRATIONS as FOG_MIGRATIONS
 from fog_aggregator.rollout import RolloutPolicy, Rollouts
 from fogline import scenario
@@ -68,7 +68,7 @@ def retraining(devices: int) -> list[dict[str, Any]]:
     x = ds.x[:, cols].astype(np.float64)
     out = []
     for flavour in FLAVOURS:
-        d = retrain_classifier(current, x, y, groups=ds.device, version=2, flavour=flavour)
+        d = retrain(current, x, y, groups=ds.device, version=2, flavour=flavour)
         assert d.candidate is not None and d.current is not None
         out.append(
             {

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fog_aggregator.core import rollup_body, split, tally
-from fog_aggregator.retrain import Decision, retrain_classifier, samples_for
+from fog_aggregator.retrain import RETRAINED, Decision, retrain, samples_for
 from fog_aggregator.rollout import MIGRATIONS as ROLLOUT_MIGRATIONS
 from fog_aggregator.rollout import RolloutPolicy, Rollouts, read_incoming
 from fogline.codec import (
@@ -111,7 +111,7 @@ class FogConfig(SenderConfig):
         minimum=1.0,
     )  # fmt: skip
     retrain_interval: float = setting(
-        0.0, "Seconds between regional retraining runs of the edge classifier (0 = never).",
+        0.0, "Seconds between regional retraining runs of the edge models (0 = never).",
         minimum=0.0,
     )  # fmt: skip
     retrain_min_samples: int = setting(
@@ -186,8 +186,8 @@ class FogAggregator(Service):
         new = self._sample_count() - self._samples_seen
         if new < cfg.retrain_min_samples:
             return ""
-        state = self.rollouts.state().get("classifier", {})
-        if state.get("state") == "canary":
+        states = self.rollouts.state()
+        if any(states.get(name, {}).get("state") == "canary" for name in RETRAINED):
             return ""
         if cfg.retrain_interval and now - self._last_retrain >= cfg.retrain_interval:
             return f"schedule ({new} new samples)"
@@ -209,58 +209,67 @@ class FogAggregator(Service):
         return ""
 
     def _start_retrain(self, trigger: str) -> None:
-        """Train a candidate off the worker thread; decide on it back on the worker thread."""
+        """Train candidates off the worker thread; decide on them back on the worker thread."""
         assert self.rollouts is not None
-        version = self.rollouts.latest_version("classifier") + 1
-        stable = self.rollouts.stable("classifier")
-        assert stable is not None
-        current = stable[1]
-        meta = read_model(current).metadata_json("fogline")
         rows = self.db.execute("SELECT features, fields, label, device FROM training").fetchall()
-        x, y, devices = samples_for(rows, tuple(meta["feature_names"]), list(meta["class_names"]))
+        stable: dict[str, bytes] = {}
+        for name in RETRAINED:
+            known = self.rollouts.stable(name)
+            assert known is not None  # every edge model has its baseline registered
+            stable[name] = known[1]
+        classes = list(read_model(stable["classifier"]).metadata_json("fogline")["class_names"])
+        jobs = []
+        for name, current in stable.items():
+            features = tuple(read_model(current).metadata_json("fogline")["feature_names"])
+            x, y, devices = samples_for(rows, features, classes)
+            jobs.append((name, current, x, y, devices, self.rollouts.latest_version(name) + 1))
         self._retraining = True
         self._samples_seen = self._sample_count()
         flavour = self.cfg.retrain_flavour
-        log.info("retraining the classifier on %d regional samples (%s)", len(x), trigger)
+        log.info(
+            "retraining %s on %d regional samples (%s)", ", ".join(RETRAINED), len(rows), trigger
+        )
 
         def job() -> None:
-            try:
-                decision = retrain_classifier(
-                    current, x, y, groups=devices, version=version, flavour=flavour
-                )
-            except (FoglineError, ValueError, ArithmeticError) as exc:
-                log.error("retraining failed: %s", exc)
-                decision = None
-            self.call_soon(lambda: self._retrained(decision, trigger, version))
+            done: list[tuple[str, int, Decision | None]] = []
+            for name, current, x, y, devices, version in jobs:
+                try:
+                    d = retrain(current, x, y, groups=devices, version=version, flavour=flavour)
+                except (FoglineError, ValueError, ArithmeticError) as exc:
+                    log.error("retraining %s failed: %s", name, exc)
+                    d = None
+                done.append((name, version, d))
+            self.call_soon(lambda: self._retrained(done, trigger))
 
         threading.Thread(target=job, name="fog-retrain", daemon=True).start()
 
-    def _retrained(self, decision: Decision | None, trigger: str, candidate: int) -> None:
-        """Record a retraining run and roll out its candidate if it passed the gate; a version
-        taken meanwhile (an operator's push) moves the candidate to the next one."""
+    def _retrained(self, done: list[tuple[str, int, Decision | None]], trigger: str) -> None:
+        """Record the retraining runs and roll out the candidates that passed the gate."""
         self._retraining = False
         self._last_retrain = time.time()
         self._drift_base = None
-        if decision is None or self.rollouts is None:
+        if self.rollouts is None:
             return
-        version = None
-        if decision.publish and decision.data is not None:
-            version = self.propose_model(
-                "classifier", decision.data, origin=f"retrained: {trigger}"
-            )
-        with transaction(self.db):
-            self.db.execute(
-                "INSERT INTO retrain_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    time.time(), decision.name, trigger, int(decision.publish), version,
-                    decision.reason, json.dumps(decision.summary()),
-                ),
+        for name, candidate, decision in done:
+            if decision is None:
+                continue
+            version = None
+            if decision.publish and decision.data is not None:
+                version = self.propose_model(name, decision.data, origin=f"retrained: {trigger}")
+            with transaction(self.db):
+                self.db.execute(
+                    "INSERT INTO retrain_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        time.time(), name, trigger, int(decision.publish), version,
+                        decision.reason, json.dumps(decision.summary()),
+                    ),
+                )  # fmt: skip
+            event = "retrained" if decision.publish else "not_published"
+            self.rollouts.note(
+                name, version or candidate, event,
+                f"{trigger}; {decision.reason}; {decision.samples} samples, "
+                f"{decision.seconds:.1f} s",
             )  # fmt: skip
-        event = "retrained" if decision.publish else "not_published"
-        self.rollouts.note(
-            "classifier", version or candidate, event,
-            f"{trigger}; {decision.reason}; {decision.samples} samples, {decision.seconds:.1f} s",
-        )  # fmt: skip
 
     def _rollouts(self) -> Rollouts | None:
         if not self.cfg.signing_dir:

@@ -1,12 +1,17 @@
 """Regional retraining at the fog: train a candidate, write it, check it, publish only if better.
 
 The samples are the windows the edges sent up (`train` records: a share of normal windows) and
-the escalated windows with the fog's verdict. Raw samples stay at the fog. A candidate
-classifier is trained with numpy on most of them, written as `.tflite` (float32, float16 or int8),
-parsed back, and the numpy reference executor runs the exact bytes on the held-out rest, as it
-does the current model. The candidate is published only when it is at least as good: accuracy
-not lower, calibration (expected calibration error) not worse by more than `ECE_SLACK`, latency
-and size within `GROWTH` of the current model's.
+the escalated windows with the fog's verdict. Raw samples stay at the fog. A candidate is
+trained with numpy on the samples of most machines, written as `.tflite` (float32, float16 or
+int8), parsed back, and the numpy reference executor runs the exact bytes on the held-out
+machines' samples, as it does the current model. The candidate is published only when it is at
+least as good: accuracy not lower, calibration (expected calibration error) not worse by more
+than `ECE_SLACK`, latency and size within `GROWTH` of the current model's.
+
+- the **classifier** is judged by accuracy and calibration against the labels;
+- the **anomaly** autoencoder is trained on the normal samples only, its threshold is the 99th
+  percentile of their scores, and it is judged by balanced accuracy (the mean of the share of
+  normal samples under the threshold and of other samples over it; calibration does not apply).
 """
 
 from __future__ import annotations
@@ -22,9 +27,18 @@ import numpy as np
 from fogline.features import feature_names
 from fogline.models.executor import execute
 from fogline.models.reader import read_model, validate
-from fogline.models.train import TrainConfig, train_classifier
+from fogline.models.train import (
+    TrainConfig,
+    TrainResult,
+    anomaly_score,
+    train_autoencoder,
+    train_classifier,
+)
 from fogline.models.writer import FLAVOURS, write_model
 
+#: The edge models the fog retrains (the failure predictor needs hours-to-failure labels, which
+#: regional samples do not carry).
+RETRAINED = ("classifier", "anomaly")
 #: The candidate's expected calibration error may exceed the current model's by this much.
 ECE_SLACK = 0.02
 #: The candidate may be this many times slower or larger than the current model.
@@ -44,7 +58,8 @@ class Quality:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome of one retraining run: publish or not, and why."""
+    """The outcome of one retraining run: publish or not, and why; `data` is the candidate's
+    bytes (None when none was trained)."""
 
     name: str
     publish: bool
@@ -84,17 +99,25 @@ def _timed(fn: Any) -> float:
 
 
 def quality(data: bytes, x: np.ndarray, labels: np.ndarray) -> Quality:
-    """Accuracy and calibration of the model `data` on raw features `x`, and its latency on up
-    to 256 rows (the best of five runs)."""
+    """How the model `data` does on raw features `x` (a classifier: accuracy and calibration
+    against `labels`; an autoencoder: balanced accuracy of its threshold against `labels == 0`,
+    normal), and its latency on up to 256 rows (the best of five runs)."""
     parsed = validate(data)
-    norm = parsed.metadata_json("fogline").get("normalisation") or {}
+    meta = parsed.metadata_json("fogline")
+    norm = meta.get("normalisation") or {}
     mean = np.asarray(norm.get("mean", 0.0), dtype=np.float64)
     std = np.asarray(norm.get("std", 1.0), dtype=np.float64)
     xn = ((x - mean) / std).astype(np.float32)
-    probs = np.asarray(execute(parsed, xn), dtype=np.float64)
+    out = np.asarray(execute(parsed, xn), dtype=np.float64)
     ms = min(_timed(lambda: execute(parsed, xn[:256])) for _ in range(5)) * 1000.0
-    accuracy = float((probs.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
-    return Quality(accuracy, calibration_error(probs, labels), ms, len(data))
+    if meta.get("kind") == "autoencoder":
+        flagged = anomaly_score(xn, out) >= float(meta["thresholds"]["anomaly_score"])
+        normal = labels == 0
+        rates = [float((~flagged[normal]).mean())] if normal.any() else []
+        rates += [float(flagged[~normal].mean())] if (~normal).any() else []
+        return Quality(float(np.mean(rates)) if rates else 0.0, 0.0, ms, len(data))
+    accuracy = float((out.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
+    return Quality(accuracy, calibration_error(out, labels), ms, len(data))
 
 
 def samples_for(
@@ -144,7 +167,7 @@ def split(
     return np.flatnonzero(test), np.flatnonzero(~test)
 
 
-def retrain_classifier(
+def retrain(
     current: bytes,
     x: np.ndarray,
     labels: np.ndarray,
@@ -156,7 +179,8 @@ def retrain_classifier(
     seed: int = 0,
     epochs: int = 300,
 ) -> Decision:
-    """Train a candidate for the classifier `current` on regional samples and gate it.
+    """Train a candidate for the model `current` (classifier or anomaly autoencoder) on
+    regional samples and gate it; `labels` index the classifier's classes (0 = normal).
 
     With `groups` (the device of each sample) whole devices are held out, so that no machine
     is both learnt and judged on.
@@ -165,46 +189,59 @@ def retrain_classifier(
         raise ValueError(f"flavour {flavour!r} is not one of {', '.join(FLAVOURS)}")
     started = time.perf_counter()
     meta = read_model(current).metadata_json("fogline")
-    classes = list(meta["class_names"])
+    autoencoder = meta.get("kind") == "autoencoder"
     test, train = split(len(x), groups, held_out, seed)
     n_test = len(test)
 
     def decided(publish: bool, reason: str, **kw: Any) -> Decision:
         return Decision(
-            name=str(meta.get("name", "classifier")), publish=publish, reason=reason,
+            name=str(meta.get("name", "model")), publish=publish, reason=reason,
             samples=len(x), held_out=n_test, seconds=time.perf_counter() - started,
             flavour=flavour, **{"candidate": None, "current": None, **kw},
         )  # fmt: skip
 
-    if len(train) < 2 * len(classes) or len(np.unique(labels[train])) < 2:
-        return decided(False, f"too few samples to train on ({len(train)})")
-    hidden = meta.get("architecture", {}).get("hidden") or [32, 16]
-    result = train_classifier(
-        x[train], labels[train], n_classes=len(classes), hidden=hidden,
-        config=TrainConfig(epochs=epochs, seed=seed, learning_rate=1e-2),
-    )  # fmt: skip
+    config = TrainConfig(epochs=epochs, seed=seed, learning_rate=1e-2)
+    hidden = (meta.get("architecture") or {}).get("hidden")
+    result: TrainResult
+    if autoencoder:
+        normal = train[labels[train] == 0]
+        if len(normal) < 20:
+            return decided(False, f"too few normal samples to train on ({len(normal)})")
+        fit_rows = normal
+        result = train_autoencoder(x[normal], hidden=hidden or [16, 6, 16], config=config)
+    else:
+        classes = list(meta["class_names"])
+        if len(train) < 2 * len(classes) or len(np.unique(labels[train])) < 2:
+            return decided(False, f"too few samples to train on ({len(train)})")
+        fit_rows = train
+        result = train_classifier(
+            x[train], labels[train], n_classes=len(classes), hidden=hidden or [32, 16],
+            config=config,
+        )  # fmt: skip
     out_meta = {
         **meta,
         "version": version,
         "flavour": flavour,
         "normalisation": result.normalisation.to_dict(),
+        "thresholds": {**meta.get("thresholds", {}), **result.thresholds},
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "retrained": {"samples": len(train), "held_out": n_test, "seed": seed},
+        "retrained": {"samples": len(fit_rows), "held_out": n_test, "seed": seed},
     }
     data = write_model(
         result.layers,
         flavour=flavour,
         metadata=out_meta,
-        representative=result.normalisation.apply(x[train]) if flavour == "int8" else None,
+        representative=result.normalisation.apply(x[fit_rows]) if flavour == "int8" else None,
         input_name="features",
-        output_name="probabilities",
-        description=f"fogline classifier v{version} (retrained at the fog)",
+        output_name="reconstruction" if autoencoder else "probabilities",
+        description=f"fogline {meta.get('name', 'model')} v{version} (retrained at the fog)",
     )
     cand = quality(data, x[test], labels[test])
     cur = quality(current, x[test], labels[test])
+    what = "balanced accuracy" if autoencoder else "accuracy"
     why = []
     if cand.accuracy < cur.accuracy:
-        why.append(f"accuracy {cand.accuracy:.3f} < current {cur.accuracy:.3f}")
+        why.append(f"{what} {cand.accuracy:.3f} < current {cur.accuracy:.3f}")
     if cand.ece > cur.ece + ECE_SLACK:
         why.append(f"calibration error {cand.ece:.3f} > current {cur.ece:.3f} + {ECE_SLACK}")
     if cand.latency_ms > GROWTH * cur.latency_ms + 1.0:
@@ -212,6 +249,6 @@ def retrain_classifier(
     if cand.size > GROWTH * cur.size:
         why.append(f"size {cand.size} B > {GROWTH}x current {cur.size} B")
     if why:
-        return decided(False, "; ".join(why), candidate=cand, current=cur)
-    reason = f"accuracy {cur.accuracy:.3f} -> {cand.accuracy:.3f} on {n_test} held-out samples"
+        return decided(False, "; ".join(why), candidate=cand, current=cur, data=data)
+    reason = f"{what} {cur.accuracy:.3f} -> {cand.accuracy:.3f} on {n_test} held-out samples"
     return decided(True, reason, candidate=cand, current=cur, data=data)

@@ -145,6 +145,23 @@ TABLES: dict[str, tuple[str, str, dict[str, str], dict[str, str]]] = {
         },
         {"readings": "readings", "summaries": "records", "events": "records"},
     ),
+    "model_events": (
+        "Model rollouts",
+        "Every step of the fogs' model rollouts and every edge's answer to a model update.",
+        {
+            **_STREAM,
+            "fog": "Fog that rolls the model out",
+            "name": "Edge model (anomaly, classifier, failure)",
+            "version": "Model version the step is about",
+            "event": "canary, installed, rejected, promoted, rolled_back, retrained or "
+            "not_published",
+            "edge": "Edge that answered (installed, rejected); empty for the fog's own steps",
+            "detail": "Why: the canaries, a rejection's reason, a rollback's or a gate's reason",
+            "ts": f"When the fog recorded it ({_TIME}, wall clock)",
+            **_STORED,
+        },
+        {},
+    ),
     "rejected": (
         "Rejected records",
         "Records the cloud sink refused (acknowledged, not stored), with the reason.",
@@ -316,6 +333,7 @@ def metadata(databases: list[str], *, data_dir: Path | None = None) -> dict[str,
     tables["summaries"] |= {"sort_desc": "t1", "facets": ["edge"]}
     tables["rollups"] |= {"sort_desc": "t1", "facets": ["edge"]}
     tables["drops"] |= {"sort_desc": "ts", "facets": ["reason", "origin"]}
+    tables["model_events"] |= {"sort_desc": "ts", "facets": ["name", "event", "edge"]}
     where = f" of {data_dir}" if data_dir is not None else ""
     return {
         "title": "fogline cloud store",
@@ -325,8 +343,8 @@ def metadata(databases: list[str], *, data_dir: Path | None = None) -> dict[str,
         "source": f"fogline {__version__}",
         "databases": {
             db: {
-                "description": "One cloud sink's store: summaries, events, drops and rollups "
-                "forwarded by the fogs, and the custody inbox.",
+                "description": "One cloud sink's store: summaries, events, drops, rollups and "
+                "model rollout steps forwarded by the fogs, and the custody inbox.",
                 "tables": tables,
                 "queries": {
                     # The SQL is one click away ("show"): the rows are what an operator wants.
