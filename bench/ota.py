@@ -163,7 +163,10 @@ def _model_events(data: Path) -> list[dict[str, Any]]:
     (db,) = data.glob("cloud-*/cloud.db")
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
-    rows = [dict(r) for r in conn.execute("SELECT version, event, detail FROM model_events")]
+    rows = [
+        dict(r)
+        for r in conn.execute("SELECT name, version, event, detail FROM model_events ORDER BY ts")
+    ]
     conn.close()
     return rows
 
@@ -317,7 +320,9 @@ def render(res: dict[str, Any], command: str) -> str:
     ]
     pipe = res["pipeline"]
     for label, r in pipe.items():
-        steps = "; ".join(f"v{e['version']} {e['event']}" for e in r["model_events"]) or "-"
+        steps = (
+            "; ".join(f"{e['name']} v{e['version']} {e['event']}" for e in r["model_events"]) or "-"
+        )
         lines.append(
             f"| {label} | {r['late']['late']:.4f} ({r['late']['late_alarms']}) | "
             f"{r['false_alarms_per_device_hour']:.4f} | {r['escalation_rate']:.2f} | "

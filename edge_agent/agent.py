@@ -167,7 +167,8 @@ class EdgeAgent(Service):
             warmup_windows=self.cfg.warmup_windows,
             summary_interval=self.cfg.summary_interval,
         )
-        self.core = EdgeCore(self.cfg.id, rules, expected, self.decisions)
+        latency = self.decisions.latency if self.decisions is not None else None
+        self.core = EdgeCore(self.cfg.id, rules, expected, self.decisions, latency)
         self.outbox = Outbox(self.db, stream=self.cfg.id, limits=self.cfg.outbox_limits())
         self.uplink = Uplink(
             self.outbox,
@@ -348,7 +349,7 @@ class EdgeAgent(Service):
             tele = env.body
             detail = f"readings {tele.first}..{tele.last} were already taken"
             self.reject("replay", m.topic, m.payload, detail)
-        records = self.core.ingest(env.body, now)
+        records = self.core.ingest(env.body, now, env.ts)
         if any(kind == "drop" and body["reason"] == "non_finite" for kind, body in records):
             # Accounted for by the drop record; also dead-lettered so the device can be fixed.
             self.reject("non_finite", m.topic, m.payload, "NaN or infinite sample values")
@@ -422,6 +423,7 @@ class EdgeAgent(Service):
                 for k, v in (self.decisions.stats if self.decisions else {}).items()
             },
             **{f"ota.{k}": v for k, v in (self.installer.stats if self.installer else {}).items()},
+            **self.core.latency.gauges("decision"),
         }
 
     def on_stopped(self) -> None:

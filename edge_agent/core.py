@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_agent.decisions import ModelDecisions, Window
 from fogline.codec import Telemetry
+from fogline.latency import Latency
 
 Record = tuple[str, dict[str, Any]]
 
@@ -81,8 +82,11 @@ class EdgeCore:
         rules: Rules,
         expected: dict[str, int] | None = None,
         decisions: ModelDecisions | None = None,
+        latency: Latency | None = None,
     ) -> None:
         self.edge = edge
+        #: Device publish -> decision, per window decided here (the z-score rule).
+        self.latency = latency or Latency()
         self.rules = rules
         #: Model-based decisions; windows the models cannot score use the z-score rule.
         self.decisions = decisions
@@ -98,8 +102,12 @@ class EdgeCore:
         state = self.devices.get(tele.device)
         return state is not None and tele.last < state.expected
 
-    def ingest(self, tele: Telemetry, now: float) -> list[Record]:
-        """Take one telemetry batch; returns the records it produced (events, drops, summaries)."""
+    def ingest(self, tele: Telemetry, now: float, published: float | None = None) -> list[Record]:
+        """Take one telemetry batch; returns the records it produced (events, drops, summaries).
+
+        `published` is when the device published the batch (wall clock, its envelope's `ts`):
+        the windows it completes carry it, for the decision and commit latencies.
+        """
         state = self.devices.get(tele.device)
         if state is None:
             # Devices number their readings from 0: an edge that first hears of a device at
@@ -135,7 +143,8 @@ class EdgeCore:
             state.summary = _Summary(first=first, fields=tele.fields, t0=t0)
             state.summary_due = now + self.rules.summary_interval
         state.summary.add(values, t_last)
-        out += self._windows(tele.device, state, values, first, t_last, tele.fields)
+        sent = now if published is None else published
+        out += self._windows(tele.device, state, values, first, t_last, tele.fields, sent, now)
         return out
 
     def _windows(
@@ -146,6 +155,8 @@ class EdgeCore:
         first: int,
         ts: float,
         fields: tuple[str, ...],
+        published: float,
+        now: float,
     ) -> list[Record]:
         out: list[Record] = []
         size = self.rules.window
@@ -160,15 +171,20 @@ class EdgeCore:
             if state.window_len == size:
                 win = np.concatenate(state.window)
                 if self.decisions is not None and self.decisions.accepts(fields):
-                    self.decisions.add(Window(device, state.window_first, win, fields, ts))
+                    self.decisions.add(
+                        Window(device, state.window_first, win, fields, ts, published)
+                    )
                 else:
-                    event = self._decide(device, state, win, ts)
+                    event = self._decide(device, state, win, ts, published)
+                    self.latency.record(now - published)
                     if event is not None:
                         out.append(event)
                 state.window, state.window_len = [], 0
         return out
 
-    def _decide(self, device: str, state: DeviceState, win: np.ndarray, ts: float) -> Record | None:
+    def _decide(
+        self, device: str, state: DeviceState, win: np.ndarray, ts: float, published: float
+    ) -> Record | None:
         """z-score of the window mean against the device's running baseline (EWMA)."""
         m = win.astype(np.float64).mean(0)
         state.windows_seen += 1
@@ -208,6 +224,7 @@ class EdgeCore:
                 "value": float(m[j]),
                 "baseline": float(state.mean[j]),
                 "z": float(z[j]),
+                "published": published,
             },
         )
 

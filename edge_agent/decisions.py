@@ -9,6 +9,7 @@ deadline; then the edge decides alone and marks the decision unconfirmed.
 from __future__ import annotations
 
 import itertools
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.models import NORMAL, SENSOR_KINDS, ModelDetector, Verdict, recommendation
+from fogline.latency import Latency
 
 Record = tuple[str, dict[str, Any]]
 
@@ -42,6 +44,8 @@ class Window:
     values: np.ndarray
     fields: tuple[str, ...]
     ts: float
+    #: When the device published the message that completed the window (wall clock).
+    published: float = 0.0
 
     @property
     def last(self) -> int:
@@ -82,6 +86,8 @@ class ModelDecisions:
     last_event: dict[str, tuple[str | None, float, int]] = field(default_factory=dict)
     #: Per device: how many windows in a row were anomalous.
     streaks: dict[str, int] = field(default_factory=dict)
+    #: Device publish -> decision (scored, or answered by the fog), per window.
+    latency: Latency = field(default_factory=Latency)
     _tokens: float = -1.0
     _refilled: float = 0.0
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -104,6 +110,9 @@ class ModelDecisions:
         self.pending = []
         for fields, windows in groups.items():
             verdicts = self.detector.score(np.stack([w.values for w in windows]), fields)
+            scored = time.time()
+            for w in windows:
+                self.latency.record(scored - w.published)
             self.stats["scored"] += len(windows)
             self.stats["batches"] += 1
             for w, v in zip(windows, verdicts, strict=True):
@@ -141,9 +150,14 @@ class ModelDecisions:
             return []
         self.stats["answered"] += 1
         w, v = waiting.window, waiting.verdict
-        warning = v.score >= v.threshold or fault != NORMAL
-        if not warning:
-            return []
+        # The fog's class counts when it is sure of it; otherwise only the anomaly score can
+        # still make the window a warning, and then no fault is named.
+        sure = fault != NORMAL and confidence >= self.detector.confidence_threshold
+        if not sure:
+            self.stats["fog_unsure"] += fault != NORMAL
+            if v.score < v.threshold:
+                return []
+            fault = NORMAL
         hours = v.hours_to_failure if fault not in SENSOR_KINDS else None
         final = Verdict(
             status="warning",
@@ -257,7 +271,7 @@ class ModelDecisions:
                 "recommendation": v.recommendation, "escalated": escalated, "verdict_by": by,
                 "unconfirmed": unconfirmed,
                 "model": model or self.detector.models["classifier"].label,
-                "repeats": repeats,
+                "repeats": repeats, "published": w.published,
                 "evidence": v.features.astype("<f4").tobytes(),
             },
         )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,24 @@ def test_unsure_windows_go_to_the_fog_and_its_verdict_is_used(models: dict[str, 
     assert len(late) == 2
     assert all(b["unconfirmed"] and b["verdict_by"] == "edge" for _, b in late)
     assert d.stats["unconfirmed"] == 2 and d.stats["answered"] == 1
+
+
+def test_an_unsure_fog_names_no_fault(models: dict[str, Path]) -> None:
+    d = _decisions(models, confidence_threshold=0.99, timeout=2.0, train_share=0.0, persistence=1)
+    d.detector.confidence_threshold = 1.01  # every window goes to the fog
+    _add(d, _windows(np.random.default_rng(9), 2, 6.0))
+    _, requests = d.flush(200.0)
+    assert len(requests) == 2
+    d.detector.confidence_threshold = 0.99
+    # Anomalous window, fog unsure of its class: still a warning, but no fault is named.
+    ((kind, e),) = d.on_reply(requests[0].id, "bearing_wear", 0.6, "fog_classifier@1", 200.5)
+    assert kind == "event" and e["fault"] is None and e["verdict_by"] == "fog"
+    assert e["recommendation"] == "Inspect machine"
+    # Not anomalous and the fog unsure: no warning at all.
+    waiting = d.waiting[requests[1].id]
+    waiting.verdict = dataclasses.replace(waiting.verdict, score=0.0)
+    assert d.on_reply(requests[1].id, "bearing_wear", 0.6, "fog_classifier@1", 200.6) == []
+    assert d.stats["fog_unsure"] == 2
 
 
 def test_escalation_budget_protects_the_fog(models: dict[str, Path]) -> None:
