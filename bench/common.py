@@ -1,4 +1,5 @@
-"""What every benchmark section shares: the machine line and the section heading."""
+"""What every benchmark section shares: the machine line, the section heading, and how one
+`fogline up` run is judged."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 
 def machine() -> str:
@@ -38,3 +40,24 @@ def heading(title: str, command: str, note: str = "") -> list[str]:
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}{note}",
         "",
     ]
+
+
+def judge_up_run(rep: dict[str, Any], devices: int, rate: float) -> dict[str, Any]:
+    """Readings/s through the edge decision of a `fogline up` report, and whether the rate was
+    sustained: every reading accounted, the rate asked for delivered (a simulator or broker that
+    falls behind stretches the run) and the edges kept pace."""
+    t = rep["timing"]
+    span = t["devices_ran"] + t["edges_caught_up_after"]
+    return {
+        "devices": devices,
+        "asked": devices * rate,
+        "produced": rep["produced"],
+        "readings_per_s": rep["produced"] / span,
+        "caught_up_after": t["edges_caught_up_after"],
+        "unaccounted": rep["unaccounted"],
+        "duplicates": rep["duplicates"],
+        "sustained": rep["unaccounted"] == 0
+        and rep["duplicates"] == 0
+        and rep["produced"] / span >= 0.95 * devices * rate
+        and t["edges_caught_up_after"] < 2.0,
+    }

@@ -118,7 +118,7 @@ class FogConfig(SenderConfig):
         200, "New regional samples needed before a retraining run.", minimum=10
     )
     retrain_drift: float = setting(
-        3.0, "Retrain early when the escalation rate rises this many times above its"
+        0.0, "Retrain early when the escalation rate rises this many times above its"
         " rate before (0 = only on schedule).", minimum=0.0,
     )  # fmt: skip
     retrain_flavour: str = setting(

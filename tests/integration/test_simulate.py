@@ -62,6 +62,7 @@ def test_quick_scenario_is_evaluated_and_accounted_for(tmp_path: Path) -> None:
     assert hours == sorted(hours)  # soonest first
     assert query("events", "--device", str(at_risk[0]["device"]))
     assert query("summaries", "--limit", "5") and query("rollups")
+    assert query("rollouts") == []  # no model was rolled out in this run
     page = tmp_path / "report.html"
     subprocess.run(
         [sys.executable, "-m", "fogline.cli", "report", "--data-dir", str(data),
