@@ -51,7 +51,12 @@ class SimConfig(ServiceConfig):
     first_device: int = setting(
         0, "Number of this process's first device (to share a fleet).", minimum=0
     )
-    edges: int = setting(1, "Number of edges; device i reports to edge e(i mod edges).", minimum=1)
+    edges: int = setting(
+        1, "Number of edges; device i reports to edge e(first_edge + i mod edges).", minimum=1
+    )
+    first_edge: int = setting(
+        0, "Number of the first of this process's edges (a site's simulator).", minimum=0
+    )
     rate: float = setting(10.0, "Readings per second per device.", minimum=0.01, maximum=10_000)
     samples_per_message: int = setting(
         10, "Readings packed in one message.", minimum=1, maximum=10_000
@@ -127,7 +132,7 @@ class DeviceSim(Service):
         )  # fmt: skip
         indexes = range(config.first_device, config.first_device + config.devices)
         self.devices = [device_id(i) for i in indexes]
-        self.edges = [edge_of(i, config.edges) for i in indexes]
+        self.edges = [edge_of(i, config.edges, config.first_edge) for i in indexes]
         self.tele_topics = [
             self.topics.tele(e, d) for e, d in zip(self.edges, self.devices, strict=True)
         ]

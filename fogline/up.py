@@ -18,12 +18,13 @@ from typing import Any
 from fogline import keys, signing
 from fogline.broker import Broker
 from fogline.errors import ConfigError
-from fogline.fleet import edge_ids
+from fogline.fleet import Site, split_sites
 from fogline.monitor import Monitor
 from fogline.nats import NatsBroker
 from fogline.progress import bar
 from fogline.report import build_report, format_report
 from fogline.security import apply_client_security, client_flags
+from fogline.sites import site_broker
 from fogline.supervisor import Supervisor
 from fogline.topics import Topics
 
@@ -35,6 +36,8 @@ EDGE_CATCH_UP = 20.0
 MONITOR = "monitor-up"
 RENEW_BEFORE = dt.timedelta(days=1)
 BROKERS = ("mosquitto", "nats")
+TOPOLOGIES = ("single", "sites")
+DEFAULT_SITES = 2
 
 
 def say(*parts: str, end: str = "\n") -> None:
@@ -93,6 +96,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--broker-port", type=int, default=None,
         help="port of an already running MQTT broker to use; no broker is started or stopped",
     )  # fmt: skip
+    p.add_argument(
+        "--topology", choices=TOPOLOGIES, default="single",
+        help="single: one broker for every process; sites: one Mosquitto per site (its fog, "
+        "edges and simulator) bridged to a cloud Mosquitto (the cloud sink) (default: single)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sites", type=int, default=None,
+        help=f"with --topology sites: how many sites share the edges and devices "
+        f"(default: {DEFAULT_SITES})",
+    )  # fmt: skip
 
 
 def check_broker_args(args: argparse.Namespace) -> str | None:
@@ -117,6 +130,42 @@ def check_broker_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_topology_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with `--topology` and `--sites` (and the flags they exclude), or None."""
+    sites = getattr(args, "sites", None)
+    if getattr(args, "topology", None) != "sites":
+        return "--sites needs --topology sites" if sites is not None else None
+    if getattr(args, "secure", False):
+        return (
+            "--topology sites does not support --secure: the bridges would need a TLS login of "
+            "their own on the cloud broker; use --topology single"
+        )
+    if getattr(args, "broker_port", None) is not None:
+        return (
+            "--topology sites starts its own brokers (one per site and the cloud's); "
+            "drop --broker-port"
+        )
+    if getattr(args, "broker", None) not in (None, "mosquitto"):
+        return (
+            "--topology sites bridges Mosquitto brokers (mosquitto/site.conf.tmpl); "
+            "use --broker mosquitto"
+        )
+    count = DEFAULT_SITES if sites is None else sites
+    try:
+        split_sites(args.devices, args.edges, count)
+    except ValueError as exc:
+        return f"--topology sites --sites {count}: {exc}"
+    return None
+
+
+def topology_sites(args: argparse.Namespace) -> list[Site]:
+    """The sites of a run: one holding every edge and device unless `--topology sites`."""
+    if getattr(args, "topology", None) == "sites":
+        count = getattr(args, "sites", None)
+        return split_sites(args.devices, args.edges, DEFAULT_SITES if count is None else count)
+    return [Site(index=0, first_edge=0, edges=args.edges, first_device=0, devices=args.devices)]
+
+
 def prepare_keys(folder: Path, names: list[str]) -> None:
     """Make the CA if needed, and issue the broker and `names` unless valid for a day more."""
     keys.init(folder)
@@ -134,18 +183,29 @@ def prepare_keys(folder: Path, names: list[str]) -> None:
 
 
 class Pipeline:
-    """Broker + cloud sink + fog + edges + simulator under one supervisor."""
+    """Broker(s) + cloud sink + fog(s) + edges + simulator(s) under one supervisor.
+
+    `--topology single`: one broker for everything. `--topology sites`: the cloud sink on a cloud
+    broker, each site's fog, edges and simulator on the site's broker, bridged to the cloud's.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.data_dir: Path = args.data_dir.resolve()
         self.topics = Topics()
-        self.edges = edge_ids(args.edges)
         self.secure = bool(getattr(args, "secure", False))
         self.keys_dir = self.data_dir / "keys"
         problem = check_broker_args(args)
         if problem:
             raise ConfigError("broker", problem)
+        problem = check_topology_args(args)
+        if problem:
+            raise ConfigError("topology", problem)
+        self.bridged = getattr(args, "topology", None) == "sites"
+        self.sites = topology_sites(args)
+        self.edges = [e for site in self.sites for e in site.edge_ids]
+        #: The broker of each site by site name (`--topology sites`; started by `start`).
+        self.site_brokers: dict[str, Broker] = {}
         kind = getattr(args, "broker", None) or "mosquitto"
         #: None when the processes use an already running broker (`--broker-port`).
         self.broker: Broker | None
@@ -190,10 +250,18 @@ class Pipeline:
         host = f"[{self.broker_host}]" if ":" in self.broker_host else self.broker_host
         return f"mqtt://{host}:{self.broker_port}"
 
-    def _argv(self, module: str, ident: str, *extra: str) -> list[str]:
+    def _address(self, site: Site | None) -> tuple[str, int]:
+        """Host and port of the broker the processes of `site` use (the cloud's for None)."""
+        broker = self.site_brokers.get(site.name) if site is not None else None
+        if broker is None:
+            return self.broker_host, self.broker_port
+        return broker.host, broker.port
+
+    def _argv(self, module: str, ident: str, *extra: str, site: Site | None = None) -> list[str]:
+        host, port = self._address(site)
         return [
-            sys.executable, "-m", module, "--id", ident, "--broker-host", self.broker_host,
-            "--broker-port", str(self.broker_port), "--topic-root", self.topics.root,
+            sys.executable, "-m", module, "--id", ident, "--broker-host", host,
+            "--broker-port", str(port), "--topic-root", self.topics.root,
             "--data-dir", str(self.data_dir),
             "--metrics-interval", str(CHILD_METRICS_INTERVAL),
             "--shutdown-timeout", str(self.args.shutdown_timeout), *self._login(module, ident),
@@ -210,33 +278,45 @@ class Pipeline:
         cred = keys.credential(self.keys_dir, f"{role}-{ident}")
         return client_flags(cred, self.keys_dir / "ca.crt")
 
-    def _model_updates(self) -> tuple[list[str], list[str]]:
-        """Flags that let the fog sign model updates and the edges check them: the root signing
+    def _model_updates(self, fog: str = FOG) -> tuple[list[str], list[str]]:
+        """Flags that let `fog` sign model updates and the edges check them: the root signing
         key and a delegation for the fog in DATA_DIR/keys, made on first use."""
         keys.init(self.keys_dir)
         try:
-            _, delegation = signing.load_signer(self.keys_dir, FOG)
+            _, delegation = signing.load_signer(self.keys_dir, fog)
             fresh = delegation.expires > time.time() + 86400
         except keys.KeysError:
             fresh = False
         if not fresh:
             root = signing.load_root_private(self.keys_dir / "signing.key")
             key, delegation = signing.delegate(
-                root, FOG, sites=["*"], models=["*"], expires=time.time() + 90 * 86400
+                root, fog, sites=["*"], models=["*"], expires=time.time() + 90 * 86400
             )
-            signing.write_signer(self.keys_dir, FOG, key, delegation)
+            signing.write_signer(self.keys_dir, fog, key, delegation)
         return (
             ["--signing-dir", str(self.keys_dir)],
             ["--ota-root-key", str(self.keys_dir / "signing.pub")],
         )
 
     def start(self) -> None:
-        """Start the broker (unless one is given), then the layers from the cloud down."""
-        (self.data_dir / "run").mkdir(parents=True, exist_ok=True)
+        """Start the broker(s) (unless one is given), then the layers from the cloud down."""
+        run = self.data_dir / "run"
+        run.mkdir(parents=True, exist_ok=True)
         if self.broker is not None:
             self.broker.start()
-            (self.data_dir / "run" / "broker.pid").write_text(f"{self.broker.pid}\n")
-        (self.data_dir / "run" / "broker.port").write_text(f"{self.broker_port}\n")
+            (run / "broker.pid").write_text(f"{self.broker.pid}\n")
+        (run / "broker.port").write_text(f"{self.broker_port}\n")
+        if self.bridged:
+            # After the cloud broker, so that each bridge connects at once.
+            for site in self.sites:
+                broker = self.site_brokers[site.name] = site_broker(
+                    data_dir=self.data_dir, site=site, cloud_host=self.broker_host,
+                    cloud_port=self.broker_port, topics=self.topics,
+                )  # fmt: skip
+                broker.start()
+                (run / f"broker-{site.name}.pid").write_text(f"{broker.pid}\n")
+                (run / f"broker-{site.name}.port").write_text(f"{broker.port}\n")
+        # On the cloud broker: with sites, the bridges bring every process's status and metrics.
         monitor = Monitor(host=self.broker_host, port=self.broker_port, topics=self.topics)
         if self.secure:
             me = keys.credential(self.keys_dir, MONITOR)
@@ -247,27 +327,57 @@ class Pipeline:
         self.monitor = monitor.start()
         a = self.args
         self.sup.add(f"cloud-{CLOUD}", self._argv("cloud_sink", CLOUD))
-        ota_fog, ota_edge = self._model_updates()
         fog_extra = getattr(self.args, "fog_extra", [])
-        self.sup.add(
-            f"fog-{FOG}",
-            self._argv("fog_aggregator", FOG, "--cloud-id", CLOUD, *ota_fog, *fog_extra),
-        )
-        for e in self.edges:
+        for site in self.sites:
+            ota_fog, ota_edge = self._model_updates(site.fog)
             self.sup.add(
-                f"edge-{e}",
-                self._argv("edge_agent", e, "--fog-id", FOG, *ota_edge, *self.args.edge_extra),
-            )
-        self._wait_online([("cloud", CLOUD), ("fog", FOG), *[("edge", e) for e in self.edges]])
-        self.sup.add(
-            f"device-sim-{SIM}",
-            self._argv(
-                "device_sim", SIM, "--devices", str(a.devices), "--edges", str(a.edges),
-                "--rate", str(a.rate), "--samples-per-message", str(a.samples_per_message),
-                "--time-scale", str(a.time_scale), "--seed", str(a.seed),
-                *a.sim_extra,
-            ),
+                f"fog-{site.fog}",
+                self._argv(
+                    "fog_aggregator", site.fog, "--cloud-id", CLOUD, *ota_fog, *fog_extra,
+                    site=site,
+                ),
+            )  # fmt: skip
+            for e in site.edge_ids:
+                self.sup.add(
+                    f"edge-{e}",
+                    self._argv(
+                        "edge_agent", e, "--fog-id", site.fog, *ota_edge, *self.args.edge_extra,
+                        site=site,
+                    ),
+                )  # fmt: skip
+        self._wait_online(
+            [("cloud", CLOUD), *[("fog", s.fog) for s in self.sites],
+             *[("edge", e) for e in self.edges]]
         )  # fmt: skip
+        for site in self.sites:
+            # A site's simulator serves the site's block of the fleet: devices keep their
+            # numbers (and machines) whichever simulator runs them.
+            block = (
+                ["--first-device", str(site.first_device), "--first-edge", str(site.first_edge)]
+                if self.bridged
+                else []
+            )
+            self.sup.add(
+                f"device-sim-{site.sim}",
+                self._argv(
+                    "device_sim", site.sim, "--devices", str(site.devices),
+                    "--edges", str(site.edges), *block,
+                    "--rate", str(a.rate), "--samples-per-message", str(a.samples_per_message),
+                    "--time-scale", str(a.time_scale), "--seed", str(a.seed),
+                    *a.sim_extra, site=site,
+                ),
+            )  # fmt: skip
+        if self.bridged:
+            where = "; ".join(
+                f"{s.name} {self.site_brokers[s.name].url} ({s.fog}, {s.edges} edges, "
+                f"{s.devices} devices)"
+                for s in self.sites
+            )
+            say(
+                f"fogline up: cloud broker {self.broker_url}, {len(self.sites)} sites bridged to "
+                f"it: {where}; data in {self.data_dir}"
+            )
+            return
         say(
             f"fogline up: {self._broker_name()} {self.broker_url}, {a.devices} devices, "
             f"{len(self.edges)} edges; data in {self.data_dir}"
@@ -300,7 +410,13 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         """Run for the duration (or until Ctrl-C), stop in order and return the report."""
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # A broker or process that failed to start: stop whatever did start.
+            self.fast_stop.set()
+            self.shutdown()
+            raise
         t0 = time.monotonic()
         self._t0 = t0
         progress = Progress(self.monitor, self.sup, self.args.duration)  # type: ignore[arg-type]
@@ -318,14 +434,19 @@ class Pipeline:
         return build_report(self.data_dir)
 
     def _ledger_by_edge(self) -> dict[str, int]:
-        path = self.data_dir / f"device-sim-{SIM}" / "ledger.db"
-        if not path.exists():
-            return {}
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return dict(conn.execute("SELECT edge, sum(produced) FROM ledger GROUP BY edge"))
-        finally:
-            conn.close()
+        """Readings produced per edge, from the ledgers of this run's simulators."""
+        out: dict[str, int] = {}
+        for site in self.sites:
+            path = self.data_dir / f"device-sim-{site.sim}" / "ledger.db"
+            if not path.exists():
+                continue
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                for edge, n in conn.execute("SELECT edge, sum(produced) FROM ledger GROUP BY edge"):
+                    out[edge] = out.get(edge, 0) + int(n)
+            finally:
+                conn.close()
+        return out
 
     def _wait_edges_caught_up(self) -> None:
         """After the simulator stops, wait until every edge has taken every reading produced."""
@@ -349,6 +470,8 @@ class Pipeline:
         t = self.args.shutdown_timeout + 5.0
         sim = [n for n in self.sup.children if n.startswith("device-sim-")]
         edges = [n for n in self.sup.children if n.startswith("edge-")]
+        fogs = [n for n in self.sup.children if n.startswith("fog-")]
+        cloud = [n for n in self.sup.children if n.startswith("cloud-")]
         try:
             if self.fast_stop.is_set():
                 self.sup.stop_all(timeout=5.0)
@@ -363,15 +486,19 @@ class Pipeline:
                 }
                 say("fogline up: draining edges -> fog -> cloud")
                 self.sup.stop(edges, timeout=t)
-                self.sup.stop([f"fog-{FOG}"], timeout=t)
-                self.sup.stop([f"cloud-{CLOUD}"], timeout=t)
+                self.sup.stop(fogs, timeout=t)
+                self.sup.stop(cloud, timeout=t)
         finally:
             if self.monitor is not None:
                 self.monitor.stop()
+            for broker in self.site_brokers.values():
+                broker.stop()
             if self.broker is not None:
                 self.broker.stop()
-            for name in ("broker.pid", "broker.port"):
-                (self.data_dir / "run" / name).unlink(missing_ok=True)
+            names = ["broker", *[f"broker-{site}" for site in self.site_brokers]]
+            for name in names:
+                for suffix in (".pid", ".port"):
+                    (self.data_dir / "run" / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 class Progress:
@@ -450,7 +577,7 @@ def run(args: argparse.Namespace, *, quiet: bool = False) -> int:
     if args.devices < 1 or args.edges < 1 or args.duration < 0:
         print("fogline up: --devices and --edges must be >= 1, --duration >= 0", file=sys.stderr)
         return 2
-    problem = check_broker_args(args)
+    problem = check_broker_args(args) or check_topology_args(args)
     if problem:
         print(f"fogline up: {problem}", file=sys.stderr)
         return 2
