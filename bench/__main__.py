@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import brokers, latency, nodered, ota
+from bench import brokers, latency, nodered, ota, sinks
 from bench import models as models_bench
 from bench.common import heading, judge_up_run
 from fogline.broker import Broker
@@ -485,6 +485,11 @@ BENCHMARKS: dict[str, tuple[str, Any, Any]] = {
         "retraining, detection before and after it on a drifted site, rollout to 100 edges",
         ota.run,
         ota.render,
+    ),
+    "sinks": (
+        "rows/s into the cloud store with 1 and 2 sink workers, SQLite and PostgreSQL",
+        sinks.run,
+        sinks.render,
     ),
 }
 

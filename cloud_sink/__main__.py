@@ -13,7 +13,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cloud-sink` command."""
     return run_service(
         CloudSink, SinkConfig, argv, prog="cloud-sink",
-        description="Cloud sink: stores every record from the fog in SQLite, exactly once.",
+        description="Cloud sink: stores every fog record exactly once (SQLite or PostgreSQL).",
     )  # fmt: skip
 
 

@@ -1,8 +1,13 @@
-"""The cloud store: SQLite through sqlite-utils, with migrations and idempotent applies.
+"""The cloud store: SQLite (one file, WAL) or PostgreSQL, with migrations and idempotent applies.
 
-`Store.apply()` validates each record, writes the rows and the custody inbox state in the same
+`apply()` validates each record, writes the rows and the custody inbox state in the same
 transaction, so a redelivered batch changes nothing. Records that fail validation are kept in
 `rejected` with their reason (they are acknowledged: a re-send would not make them valid).
+
+The schema is written once, as `MIGRATIONS` in SQLite's dialect with the column types `TEXT`,
+`INTEGER`, `REAL` and `BLOB`; `cloud_sink.postgres` translates those types for PostgreSQL. The
+validation (`record_rows()`) is pure and shared: the two stores differ only in how they open a
+transaction, keep the inbox and insert rows (`CloudStore`).
 """
 
 from __future__ import annotations
@@ -10,19 +15,28 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
+from abc import ABC, abstractmethod
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlite_utils
 
-from fogline.codec import Batch, Record
+from fogline.cloudstores import is_url
+from fogline.codec import Ack, Batch, Record
 from fogline.custody import Inbox
-from fogline.db import connect, migrate
+from fogline.db import connect, migrate, transaction
 
 STORE_FILE = "cloud.db"
+#: Tables `apply()` writes, in the order it inserts them.
+TABLES = ("summaries", "events", "drops", "drop_ranges", "rollups", "model_events", "rejected")
+#: Largest integer both stores hold (SQLite INTEGER, PostgreSQL BIGINT).
+MAX_INT = 2**63 - 1
 
-_MIGRATIONS = [
+#: The schema, step by step, in SQLite's dialect (`cloud_sink.postgres` translates the types).
+MIGRATIONS = [
     """
     CREATE TABLE summaries (
         src TEXT NOT NULL, seq INTEGER NOT NULL, edge TEXT NOT NULL, device TEXT NOT NULL,
@@ -87,7 +101,7 @@ class InvalidRecord(ValueError):
 
 def _int(body: dict[str, Any], key: str) -> int:
     v = body.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_INT:
         raise InvalidRecord(f"{key} must be a natural number below 2**63")
     return v
 
@@ -103,7 +117,7 @@ def _num(body: dict[str, Any], key: str) -> float | None:
 
 def _str(body: dict[str, Any], key: str) -> str:
     v = body.get(key)
-    if not isinstance(v, str) or not v or len(v) > 64:
+    if not isinstance(v, str) or not v or len(v) > 64 or "\x00" in v:
         raise InvalidRecord(f"{key} must be a short string")
     return v
 
@@ -168,8 +182,8 @@ def _summary(src: str, rec: Record, now: float) -> dict[str, Any]:
 
 def _opt_text(body: dict[str, Any], key: str, limit: int = 1000) -> str | None:
     v = body.get(key)
-    if v is not None and (not isinstance(v, str) or len(v) > limit):
-        raise InvalidRecord(f"{key} must be text of at most {limit} characters")
+    if v is not None and (not isinstance(v, str) or len(v) > limit or "\x00" in v):
+        raise InvalidRecord(f"{key} must be text of at most {limit} characters (no NUL)")
     return v
 
 
@@ -227,7 +241,11 @@ def _drop(src: str, rec: Record, now: float) -> tuple[dict[str, Any], list[dict[
     rows = []
     for r in ranges:
         ok = isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
-        if not ok or not all(isinstance(x, int) and x >= 0 for x in r[1:]) or r[2] < r[1]:
+        ok = ok and 0 < len(r[0]) <= 64 and "\x00" not in r[0]
+        bounds = ok and all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_INT for x in r[1:]
+        )
+        if not bounds or r[2] < r[1]:
             raise InvalidRecord("a range is [device, first, last]")
         rows.append(
             {
@@ -267,62 +285,150 @@ def _model_event(src: str, rec: Record, now: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
-class Store:
-    """The cloud database: one file, WAL, migrated on open."""
+def _rejected(src: str, rec: Record, reason: str, now: float) -> dict[str, Any]:
+    body = json.dumps(_jsonable(rec.body))[:2000]
+    # The kind comes from the wire as is; PostgreSQL text cannot hold NUL.
+    kind = rec.kind.replace("\x00", "\\x00")
+    return {
+        "src": src, "seq": rec.seq, "kind": kind, "reason": reason, "body": body, "stored": now,
+    }  # fmt: skip
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.conn = connect(path)
-        migrate(self.conn, "cloud", _MIGRATIONS)
-        self.db = sqlite_utils.Database(self.conn)
-        self.inbox = Inbox(self.conn)
+
+Rows = list[tuple[str, dict[str, Any]]]
+
+
+def record_rows(src: str, rec: Record, now: float) -> tuple[str, Rows]:
+    """The rows a record becomes, `(table, row)`, and what it counts as: its kind, or
+    `rejected` (then one row for `rejected` with the reason). Pure: no database."""
+    try:
+        if rec.kind == "summary":
+            return rec.kind, [("summaries", _summary(src, rec, now))]
+        if rec.kind == "event":
+            return rec.kind, [("events", _event(src, rec, now))]
+        if rec.kind == "drop":
+            drop, ranges = _drop(src, rec, now)
+            return rec.kind, [("drops", drop), *(("drop_ranges", r) for r in ranges)]
+        if rec.kind == "rollup":
+            return rec.kind, [("rollups", _rollup(src, rec, now))]
+        if rec.kind == "model":
+            return rec.kind, [("model_events", _model_event(src, rec, now))]
+        raise InvalidRecord(f"unknown record kind {rec.kind!r}")
+    except InvalidRecord as exc:
+        return "rejected", [("rejected", _rejected(src, rec, str(exc), now))]
+
+
+class InboxLike(Protocol):
+    """What a store's custody inbox does (`fogline.custody.Inbox` on SQLite)."""
+
+    def accept(self, stream: str, batch: Batch) -> list[Record]:
+        """The records of `batch` not seen before, remembered in the open transaction."""
+        ...
+
+    def ack(self, stream: str) -> Ack:
+        """The cumulative acknowledgement of `stream` as committed."""
+        ...
+
+
+class CloudStore(ABC):
+    """What both stores share: validation outside the transaction, then one transaction that
+    admits the batches through the inbox and inserts the new records' rows."""
+
+    inbox: InboxLike
+    #: Where the store is (a path, or a URL without its password), for logs and reports.
+    location: str
+
+    def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
 
+    @abstractmethod
+    def _transaction(self, streams: Sequence[str]) -> AbstractContextManager[Any]:
+        """One write transaction that has the inbox state of `streams` (sorted) to itself."""
+
+    @abstractmethod
+    def _insert(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert rows (dicts of column values; missing columns are NULL) inside the
+        transaction."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the store."""
+
     def apply(self, batches: list[tuple[str, Batch]], now: float | None = None) -> Counter[str]:
-        """Store the new records of `(stream, batch)` pairs in one transaction; returns counts."""
+        """Store the new records of `(stream, batch)` pairs in one transaction; returns counts.
+
+        Records are validated before the transaction (the first copy of each `(stream, seq)`,
+        the one the inbox would take): only admitting and inserting hold the write lock.
+        """
         now = time.time() if now is None else now
-        tables = ("summaries", "events", "drops", "drop_ranges", "rollups", "model_events")
-        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in (*tables, "rejected")}
+        converted: dict[tuple[str, int], tuple[str, Rows]] = {}
+        for stream, batch in batches:
+            for rec in batch.records:
+                if (stream, rec.seq) not in converted:
+                    converted[(stream, rec.seq)] = record_rows(stream, rec, now)
         counts: Counter[str] = Counter()
-        with self.db.atomic():
+        rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        with self._transaction(sorted({stream for stream, _ in batches})):
             for stream, batch in batches:
                 for rec in self.inbox.accept(stream, batch):
-                    try:
-                        if rec.kind == "summary":
-                            rows["summaries"].append(_summary(stream, rec, now))
-                        elif rec.kind == "event":
-                            rows["events"].append(_event(stream, rec, now))
-                        elif rec.kind == "drop":
-                            drop, ranges = _drop(stream, rec, now)
-                            rows["drops"].append(drop)
-                            rows["drop_ranges"] += ranges
-                        elif rec.kind == "rollup":
-                            rows["rollups"].append(_rollup(stream, rec, now))
-                        elif rec.kind == "model":
-                            rows["model_events"].append(_model_event(stream, rec, now))
-                        else:
-                            raise InvalidRecord(f"unknown record kind {rec.kind!r}")
-                        counts[rec.kind] += 1
-                    except InvalidRecord as exc:
-                        body = json.dumps(_jsonable(rec.body))[:2000]
-                        rows["rejected"].append(
-                            {
-                                "src": stream,
-                                "seq": rec.seq,
-                                "kind": rec.kind,
-                                "reason": str(exc),
-                                "body": body,
-                                "stored": now,
-                            }
-                        )
-                        counts["rejected"] += 1
-            for table, items in rows.items():
-                if items:
-                    self.db[table].insert_all(items, batch_size=1000)  # type: ignore[union-attr]
+                    counted, made = converted[(stream, rec.seq)]
+                    counts[counted] += 1
+                    for table, row in made:
+                        rows[table].append(row)
+            for table in TABLES:
+                if rows.get(table):
+                    self._insert(table, rows[table])
         counts["readings"] = sum(r["count"] for r in rows["summaries"])
         self.stats.update(counts)
         return counts
 
+    def _check_columns(self, table: str, rows: list[dict[str, Any]], known: Sequence[str]) -> None:
+        unknown = set().union(*rows) - set(known)
+        if unknown:  # a field added to a row without a migration: a bug, never silent
+            raise RuntimeError(f"{table} has no columns {sorted(unknown)}: add a migration")
+
+
+class Store(CloudStore):
+    """The cloud database on SQLite: one file, WAL, migrated on open.
+
+    Several processes may write the same file (cloud-sink workers on one machine): every apply
+    takes SQLite's single write lock first (`BEGIN IMMEDIATE`), so the inbox read, its update
+    and the rows are one serialised step.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.location = str(path)
+        self.conn = connect(path)
+        migrate(self.conn, "cloud", MIGRATIONS)
+        self.db = sqlite_utils.Database(self.conn)
+        self.inbox = Inbox(self.conn)
+        self._columns = {
+            t: [r[1] for r in self.conn.execute(f"PRAGMA table_info({t})")] for t in TABLES
+        }
+
+    def _transaction(self, streams: Sequence[str]) -> AbstractContextManager[Any]:
+        return transaction(self.conn)
+
+    def _insert(self, table: str, rows: list[dict[str, Any]]) -> None:
+        cols = self._columns[table]
+        self._check_columns(table, rows, cols)
+        marks = ", ".join("?" * len(cols))
+        self.conn.executemany(
+            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({marks})",
+            [tuple(r.get(c) for c in cols) for r in rows],
+        )
+
     def close(self) -> None:
         """Close the database."""
         self.conn.close()
+
+
+def open_store(where: str | Path) -> CloudStore:
+    """The store at `where`: a `postgresql://` URL, or the path of an SQLite file."""
+    if is_url(where):
+        # Imported here: psycopg is the optional `postgres` extra.
+        from cloud_sink.postgres import PostgresStore
+
+        return PostgresStore(str(where))
+    return Store(Path(where))

@@ -14,6 +14,7 @@ from typing import Any
 
 from fogline import __version__, keys, query, serve, simulate, status, up
 from fogline.broker import Broker
+from fogline.cloudstores import StoreReadError, is_url
 from fogline.errors import FoglineError
 from fogline.models import build as models_build
 from fogline.models import inspect as models_inspect
@@ -25,12 +26,20 @@ def _report(args: argparse.Namespace) -> int:
     if not args.data_dir.is_dir():
         print(f"fogline report: no data dir at {args.data_dir}", file=sys.stderr)
         return 2
-    rep = build_report(args.data_dir)
+    bad = [url for url in args.store if not is_url(url)]
+    if bad:
+        print(f"fogline report: --store {bad[0]!r} is not a postgresql:// URL", file=sys.stderr)
+        return 2
+    try:
+        rep = build_report(args.data_dir, args.store)
+    except StoreReadError as exc:
+        print(f"fogline report: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     if args.html is not None:
         from fogline.html_report import write_html  # matplotlib is loaded only when asked for
 
-        write_html(args.data_dir, args.html, report=rep)
+        write_html(args.data_dir, args.html, report=rep, stores=args.store)
         print(f"fogline report: wrote {args.html}", file=sys.stderr)
     return 0 if rep["unaccounted"] == 0 else 1
 
@@ -95,12 +104,17 @@ def parser() -> argparse.ArgumentParser:
         "report",
         help="end-to-end accounting of a data dir",
         description="Account for every reading: produced (simulator ledgers) against covered "
-        "and dropped (cloud store). Exit status 1 when readings are unaccounted.",
+        "and dropped (cloud stores: DATA_DIR/cloud-*/cloud.db and --store URLs). Exit status 1 "
+        "when readings are unaccounted, 2 when a store cannot be read.",
     )
     s.add_argument(
         "--data-dir", type=Path, default=Path(".fogline/data"), help="the deployment's data dir"
     )
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument(
+        "--store", action="append", default=[], metavar="URL",
+        help="also read this PostgreSQL store (a cloud sink's postgresql:// store); repeatable",
+    )  # fmt: skip
     s.add_argument(
         "--html", type=Path, metavar="OUT", default=None,
         help="also write a self-contained HTML page with figures to OUT",
@@ -122,9 +136,9 @@ def parser() -> argparse.ArgumentParser:
         "query",
         query,
         help="query the cloud store of a data dir: at-risk, events, summaries, coverage, rollups",
-        description="Read-only queries over DATA_DIR/cloud-*/cloud.db, printed as an aligned "
-        "table, JSON or CSV. Exit status 2 when there is no data dir or cloud store, or a flag "
-        "is bad.",
+        description="Read-only queries over DATA_DIR/cloud-*/cloud.db and PostgreSQL stores "
+        "(--store URL), printed as an aligned table, JSON or CSV. Exit status 2 when there is "
+        "no data dir or cloud store, a store cannot be read, or a flag is bad.",
     )
 
     _add(

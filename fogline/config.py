@@ -73,6 +73,10 @@ class ServiceConfig:
         "", "File whose first line is the MQTT password (never give the password itself)."
     )
 
+    def process_id(self) -> str:
+        """This process's own id (client id, status topic); `id` unless several share it."""
+        return self.id
+
     def validate(self) -> None:
         """Check cross-field rules; subclasses extend it."""
         check_id(self.id, "id")

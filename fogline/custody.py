@@ -68,7 +68,8 @@ _OUTBOX_MIGRATIONS = [
     """,
 ]
 
-_INBOX_MIGRATIONS = [
+#: The receiver's inbox table (SQLite dialect; `cloud_sink.postgres` translates it).
+INBOX_MIGRATIONS = [
     """
     CREATE TABLE inbox (
         stream TEXT PRIMARY KEY,
@@ -345,12 +346,47 @@ def _normalise(hwm: int, ranges: list[list[int]]) -> tuple[int, list[list[int]]]
     return hwm, merged
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What `admit()` decided for one batch: its new records and the stream's state after it."""
+
+    fresh: list[Record]
+    hwm: int
+    ranges: list[list[int]]
+    duplicates: int
+
+
+def admit(hwm: int, ranges: list[list[int]], batch: Batch) -> Admission:
+    """The records of `batch` not in the seen state `(hwm, ranges)`, and the state with them.
+
+    Pure: the inbox of each store reads the state, calls this and writes the result back in the
+    transaction that applies the fresh records. The seen set only grows, so batches may be
+    admitted in any order and every state written is a valid cumulative ack.
+    """
+
+    def seen(seq: int) -> bool:
+        return seq <= hwm or any(lo <= seq <= hi for lo, hi in ranges)
+
+    fresh: list[Record] = []
+    taken: set[int] = set()
+    for rec in batch.records:
+        if seen(rec.seq) or rec.seq in taken:
+            continue
+        taken.add(rec.seq)
+        fresh.append(rec)
+    # Everything below the sender's low-water mark was acked or evicted: it is never re-sent.
+    new_hwm, new_ranges = _normalise(
+        max(hwm, batch.low - 1), ranges + [[s, s] for s in sorted(taken)]
+    )
+    return Admission(fresh, new_hwm, new_ranges, len(batch.records) - len(fresh))
+
+
 class Inbox:
     """The receiver's record of what each sender stream has delivered (for dedupe and acks)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        migrate(conn, "inbox", _INBOX_MIGRATIONS)
+        migrate(conn, "inbox", INBOX_MIGRATIONS)
 
     def _state(self, stream: str) -> tuple[int, list[list[int]]]:
         row = self.conn.execute(
@@ -364,30 +400,14 @@ class Inbox:
         Must run inside the transaction that applies the returned records, so that a crash
         either keeps both or neither.
         """
-        hwm, ranges = self._state(stream)
-
-        def seen(seq: int) -> bool:
-            return seq <= hwm or any(lo <= seq <= hi for lo, hi in ranges)
-
-        fresh: list[Record] = []
-        taken: set[int] = set()
-        for rec in batch.records:
-            if seen(rec.seq) or rec.seq in taken:
-                continue
-            taken.add(rec.seq)
-            fresh.append(rec)
-        # Everything below the sender's low-water mark was acked or evicted: it is never re-sent.
-        new_hwm, new_ranges = _normalise(
-            max(hwm, batch.low - 1), ranges + [[s, s] for s in sorted(taken)]
-        )
-        dup = len(batch.records) - len(fresh)
+        a = admit(*self._state(stream), batch)
         self.conn.execute(
             "INSERT INTO inbox(stream, hwm, ranges, records, duplicates) VALUES (?, ?, ?, ?, ?)"
             " ON CONFLICT(stream) DO UPDATE SET hwm = excluded.hwm, ranges = excluded.ranges,"
             " records = records + excluded.records, duplicates = duplicates + excluded.duplicates",
-            (stream, new_hwm, json.dumps(new_ranges), len(fresh), dup),
+            (stream, a.hwm, json.dumps(a.ranges), len(a.fresh), a.duplicates),
         )
-        return fresh
+        return a.fresh
 
     def ack(self, stream: str) -> Ack:
         """The cumulative acknowledgement of `stream` as committed."""

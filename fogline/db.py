@@ -43,29 +43,38 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def migrate(conn: sqlite3.Connection, component: str, steps: Sequence[str]) -> int:
-    """Apply the not-yet-applied steps (SQL scripts) of `component` in order; return its version."""
+    """Apply the not-yet-applied steps (SQL scripts) of `component` in order; return its version.
+
+    A step reads the version again inside its own write transaction, so processes that open the
+    same database at once (several cloud-sink workers) apply every step exactly once.
+    """
     conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
     )
-    row = conn.execute(
-        "SELECT version FROM schema_migrations WHERE component = ?", (component,)
-    ).fetchone()
-    version = row[0] if row else 0
-    for number, script in enumerate(steps[version:], start=version + 1):
+
+    def version() -> int:
+        row = conn.execute(
+            "SELECT version FROM schema_migrations WHERE component = ?", (component,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    while version() < len(steps):
         with transaction(conn):
-            for statement in _statements(script):
+            current = version()
+            if current >= len(steps):
+                break
+            for statement in statements(steps[current]):
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations(component, version) VALUES (?, ?)"
                 " ON CONFLICT(component) DO UPDATE SET version = excluded.version",
-                (component, number),
+                (component, current + 1),
             )
-        version = number
-    return version
+    return version()
 
 
-def _statements(script: str) -> list[str]:
+def statements(script: str) -> list[str]:
     """Split an SQL script into complete statements (semicolons inside literals stay put)."""
     out, buf = [], ""
     for part in script.split(";"):

@@ -466,14 +466,17 @@ def _scenario_name(data_dir: Path) -> str:
         return data_dir.resolve().name
 
 
-def build_html(data_dir: Path, *, report: dict[str, Any] | None = None) -> str:
-    """The page for `data_dir` (the report is computed when not given)."""
-    rep = build_report(data_dir) if report is None else report
+def build_html(
+    data_dir: Path, *, report: dict[str, Any] | None = None, stores: Sequence[str] = ()
+) -> str:
+    """The page for `data_dir` and the PostgreSQL `stores` (the report is computed when not
+    given; the evaluation against the ground truth reads the SQLite stores only)."""
+    rep = build_report(data_dir, stores) if report is None else report
     truth = load_truth(data_dir)
     try:
-        all_events = query.events(data_dir, limit=None)
-        at_risk = query.at_risk(data_dir)
-        rollup_rows = query.rollups(data_dir, limit=None)
+        all_events = query.events(data_dir, limit=None, stores=stores)
+        at_risk = query.at_risk(data_dir, stores=stores)
+        rollup_rows = query.rollups(data_dir, limit=None, stores=stores)
     except query.QueryError as exc:
         all_events, at_risk, rollup_rows, store_problem = [], [], [], str(exc)
     else:
@@ -565,9 +568,12 @@ def build_html(data_dir: Path, *, report: dict[str, Any] | None = None) -> str:
     )
 
 
-def write_html(data_dir: Path, out: Path, *, report: dict[str, Any] | None = None) -> Path:
-    """Write the page for `data_dir` to `out` (atomically) and return `out`."""
-    page = build_html(data_dir, report=report)
+def write_html(
+    data_dir: Path, out: Path, *, report: dict[str, Any] | None = None, stores: Sequence[str] = ()
+) -> Path:
+    """Write the page for `data_dir` (and the PostgreSQL `stores`) to `out` (atomically) and
+    return `out`."""
+    page = build_html(data_dir, report=report, stores=stores)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)

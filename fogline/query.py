@@ -1,4 +1,5 @@
-"""`fogline query`: read-only questions to the cloud stores of a data dir (`cloud-*/cloud.db`).
+"""`fogline query`: read-only questions to the cloud stores of a data dir (`cloud-*/cloud.db`)
+and to PostgreSQL stores named by URL (`--store`).
 
 Each query is a function `(data_dir, filters) -> rows` (a list of flat dicts) with its column
 order in `COLUMNS`; `format_rows()` prints rows as an aligned table, JSON or CSV. The CLI only
@@ -12,16 +13,16 @@ import csv
 import io
 import json
 import re
-import sqlite3
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fogline.cloudstores import Reader, StoreReadError, is_url, open_reader, sqlite_stores
 from fogline.errors import FoglineError
 from fogline.report import Span, read_ledgers, size, subtract, union
 
@@ -91,36 +92,44 @@ class QueryError(FoglineError):
 
 
 def cloud_stores(data_dir: Path) -> list[Path]:
-    """The cloud stores under `data_dir`; raises `QueryError` if there is none."""
+    """The SQLite cloud stores under `data_dir`; raises `QueryError` if there is none."""
     if not data_dir.is_dir():
         raise QueryError(f"no data dir at {data_dir}", data_dir)
-    stores = sorted(data_dir.glob("cloud-*/cloud.db"))
-    if not stores:
+    found = sqlite_stores(data_dir)
+    if not found:
         raise QueryError(f"no cloud store (cloud-*/cloud.db) under {data_dir}", data_dir)
-    return stores
+    return found
+
+
+def store_locations(data_dir: Path, stores: Sequence[str] = ()) -> list[Path | str]:
+    """The SQLite cloud stores under `data_dir`, then the PostgreSQL `stores` (URLs); with
+    URLs the data dir may hold no store (or not exist). Raises `QueryError` if there is none."""
+    for url in stores:
+        if not is_url(url):
+            raise QueryError(f"--store {url!r} is not a postgresql:// URL")
+    if not stores:
+        return list(cloud_stores(data_dir))
+    return [*sqlite_stores(data_dir), *stores]
 
 
 @contextmanager
-def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+def _read_only(location: Path | str) -> Iterator[Reader]:
+    path = location if isinstance(location, Path) else None
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise QueryError(f"cannot open {path}: {exc}", path) from exc
-    conn.row_factory = sqlite3.Row
-    try:
-        yield conn
-    except sqlite3.DatabaseError as exc:
-        raise QueryError(f"{path} is not a readable cloud store: {exc}", path) from exc
-    finally:
-        conn.close()
+        with open_reader(location) as reader:
+            yield reader
+    except StoreReadError as exc:
+        raise QueryError(str(exc), path) from exc
 
 
-def _select(data_dir: Path, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    """`sql` on every cloud store of `data_dir`, rows of all of them."""
+def _select(
+    data_dir: Path, sql: str, params: tuple[Any, ...] = (), stores: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """`sql` on every cloud store of `data_dir` and on `stores`, rows of all of them."""
     out: list[dict[str, Any]] = []
-    for path in cloud_stores(data_dir):
-        with _read_only(path) as conn:
-            out += [dict(r) for r in conn.execute(sql, params)]
+    for location in store_locations(data_dir, stores):
+        with _read_only(location) as reader:
+            out += reader.select(sql, params)
     return out
 
 
@@ -149,7 +158,7 @@ def _newest(*cols: str) -> Callable[[dict[str, Any]], Any]:
 # --------------------------------------------------------------------------- the queries
 
 
-def at_risk(data_dir: Path) -> list[dict[str, Any]]:
+def at_risk(data_dir: Path, *, stores: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Devices with model warnings: the latest warning's fault, confidence, predicted hours to
     failure and recommendation, how many warnings, and when the device was last seen; soonest
     predicted failure first (devices without a prediction last, most warnings first)."""
@@ -157,12 +166,14 @@ def at_risk(data_dir: Path) -> list[dict[str, Any]]:
         data_dir,
         "SELECT device, edge, ts, fault, confidence, hours_to_failure, recommendation, repeats,"
         " model, src, seq FROM events WHERE kind = 'model' AND status = 'warning'",
+        stores=stores,
     )
     seen: dict[str, float] = {}
     for r in _select(
         data_dir,
         "SELECT device, max(t) AS t FROM (SELECT device, t1 AS t FROM summaries"
-        " UNION ALL SELECT device, ts AS t FROM events) GROUP BY device",
+        " UNION ALL SELECT device, ts AS t FROM events) AS seen GROUP BY device",
+        stores=stores,
     ):
         if r["t"] is not None:
             seen[r["device"]] = max(seen.get(r["device"], r["t"]), r["t"])
@@ -208,6 +219,7 @@ def events(
     since: float | None = None,
     until: float | None = None,
     limit: int | None = DEFAULT_LIMIT,
+    stores: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Stored events (z-score and model), newest first by `ts`, filtered by device and by
     `since <= ts <= until`; at most `limit` (None or 0: all)."""
@@ -215,10 +227,11 @@ def events(
         raise QueryError("--since is after --until")
     where, params = _where(device=device, since=since, until=until)
     cols = ", ".join(c for c in _EVENT_COLUMNS)
-    sql = f"SELECT {cols} FROM events{where} ORDER BY ts DESC"
+    # `IS NULL` first: PostgreSQL would put rows without a time first in DESC order.
+    sql = f"SELECT {cols} FROM events{where} ORDER BY ts IS NULL, ts DESC"
     if limit:
         sql += f" LIMIT {int(limit)}"
-    rows = _select(data_dir, sql, params)
+    rows = _select(data_dir, sql, params, stores)
     for r in rows:
         r["escalated"] = None if r["escalated"] is None else bool(r["escalated"])
         r["unconfirmed"] = None if r["unconfirmed"] is None else bool(r["unconfirmed"])
@@ -226,15 +239,20 @@ def events(
 
 
 def summaries(
-    data_dir: Path, *, device: str | None = None, limit: int | None = DEFAULT_LIMIT
+    data_dir: Path,
+    *,
+    device: str | None = None,
+    limit: int | None = DEFAULT_LIMIT,
+    stores: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Stored summaries, newest first (by the time of their last reading), for one device or
     all; `fields`, `min`, `mean`, `max` and `std` are lists; at most `limit` (None or 0: all)."""
     where, params = _where(device=device)
-    sql = f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM summaries{where} ORDER BY t1 DESC"
+    sql = f"SELECT {', '.join(_SUMMARY_COLUMNS)} FROM summaries{where}"
+    sql += " ORDER BY t1 IS NULL, t1 DESC"
     if limit:
         sql += f" LIMIT {int(limit)}"
-    rows = _select(data_dir, sql, params)
+    rows = _select(data_dir, sql, params, stores)
     for r in rows:
         for k in ("fields", "min", "mean", "max", "std"):
             r[k] = json.loads(r[k]) if r[k] else None
@@ -242,15 +260,19 @@ def summaries(
 
 
 def rollups(
-    data_dir: Path, *, edge: str | None = None, limit: int | None = DEFAULT_LIMIT
+    data_dir: Path,
+    *,
+    edge: str | None = None,
+    limit: int | None = DEFAULT_LIMIT,
+    stores: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Stored per-edge rollups of the fogs, newest period first; at most `limit` (None or 0:
     all)."""
     where, params = ("", ()) if edge is None else (" WHERE edge = ?", (edge,))
-    sql = f"SELECT {', '.join(_ROLLUP_COLUMNS)} FROM rollups{where} ORDER BY t1 DESC"
+    sql = f"SELECT {', '.join(_ROLLUP_COLUMNS)} FROM rollups{where} ORDER BY t1 IS NULL, t1 DESC"
     if limit:
         sql += f" LIMIT {int(limit)}"
-    return _limited(_select(data_dir, sql, params), _newest("t1"), limit)
+    return _limited(_select(data_dir, sql, params, stores), _newest("t1"), limit)
 
 
 def rollouts(
@@ -259,6 +281,7 @@ def rollouts(
     name: str | None = None,
     edge: str | None = None,
     limit: int | None = DEFAULT_LIMIT,
+    stores: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Model rollout history (every fog's steps and every edge's install answers), newest first;
     empty for a store written before model rollouts existed."""
@@ -269,14 +292,11 @@ def rollouts(
             params.append(value)
     where = " WHERE " + " AND ".join(conds) if conds else ""
     out: list[dict[str, Any]] = []
-    for path in cloud_stores(data_dir):
-        with _read_only(path) as conn:
-            known = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'model_events'"
-            ).fetchone()
-            if known:
+    for location in store_locations(data_dir, stores):
+        with _read_only(location) as reader:
+            if reader.has_table("model_events"):
                 sql = f"SELECT {', '.join(_ROLLOUT_COLUMNS)} FROM model_events{where}"
-                out += [dict(r) for r in conn.execute(sql, tuple(params))]
+                out += reader.select(sql, tuple(params))
     return _limited(out, _newest("ts", "seq"), limit)
 
 
@@ -291,7 +311,9 @@ def _where(
     return (" WHERE " + " AND ".join(conds) if conds else ""), tuple(params)
 
 
-def coverage(data_dir: Path, *, device: str | None = None) -> list[dict[str, Any]]:
+def coverage(
+    data_dir: Path, *, device: str | None = None, stores: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Custody accounting per device, as `fogline report` does it for the whole data dir:
     produced (ledgers), covered (union of stored summaries and events), dropped by reason (not
     covered, reasons in alphabetical order, a reading counts once), unaccounted and duplicates.
@@ -303,7 +325,9 @@ def coverage(data_dir: Path, *, device: str | None = None) -> list[dict[str, Any
     drop_spans: dict[str, dict[str, list[Span]]] = defaultdict(lambda: defaultdict(list))
     extra_events: dict[str, int] = defaultdict(int)
     edges: dict[str, str] = {}
-    for r in _select(data_dir, f"SELECT device, edge, first, last FROM summaries{where}", params):
+    for r in _select(
+        data_dir, f"SELECT device, edge, first, last FROM summaries{where}", params, stores
+    ):
         summary_spans[r["device"]].append((r["first"], r["last"]))
         edges.setdefault(r["device"], r["edge"])
     for r in _select(
@@ -311,12 +335,13 @@ def coverage(data_dir: Path, *, device: str | None = None) -> list[dict[str, Any
         f"SELECT device, first, last, count(*) AS n FROM events{where}"
         " GROUP BY device, first, last",
         params,
+        stores,
     ):
         event_spans[r["device"]].append((r["first"], r["last"]))
         extra_events[r["device"]] += r["n"] - 1
     reasons: set[str] = set()
     for r in _select(
-        data_dir, f"SELECT device, first, last, reason FROM drop_ranges{where}", params
+        data_dir, f"SELECT device, first, last, reason FROM drop_ranges{where}", params, stores
     ):
         drop_spans[r["device"]][r["reason"]].append((r["first"], r["last"]))
         reasons.add(r["reason"])
@@ -465,6 +490,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", type=Path, default=Path(".fogline/data"),
         help="the deployment's data dir; its cloud-*/cloud.db are read (default: .fogline/data)",
     )  # fmt: skip
+    common.add_argument(
+        "--store", action="append", default=[], metavar="URL",
+        help="also read this PostgreSQL store (a cloud sink's postgresql:// store); repeatable",
+    )  # fmt: skip
     out = common.add_mutually_exclusive_group()
     out.add_argument("--json", dest="format", action="store_const", const="json", help="print JSON")
     out.add_argument("--csv", dest="format", action="store_const", const="csv", help="print CSV")
@@ -523,20 +552,24 @@ def rows_for(args: argparse.Namespace, *, now: float) -> list[dict[str, Any]]:
     if getattr(args, "limit", 0) < 0:
         raise QueryError("--limit must be >= 0")
     q = args.query
+    st = args.store
     if q == "at-risk":
-        return at_risk(args.data_dir)
+        return at_risk(args.data_dir, stores=st)
     if q == "events":
         since = None if args.since is None else parse_time(args.since, now=now)
         until = None if args.until is None else parse_time(args.until, now=now)
-        return events(args.data_dir, device=args.device, since=since, until=until, limit=args.limit)
+        return events(
+            args.data_dir, device=args.device, since=since, until=until, limit=args.limit,
+            stores=st,
+        )  # fmt: skip
     if q == "summaries":
-        return summaries(args.data_dir, device=args.device, limit=args.limit)
+        return summaries(args.data_dir, device=args.device, limit=args.limit, stores=st)
     if q == "coverage":
-        return coverage(args.data_dir, device=args.device)
+        return coverage(args.data_dir, device=args.device, stores=st)
     if q == "rollups":
-        return rollups(args.data_dir, edge=args.edge, limit=args.limit)
+        return rollups(args.data_dir, edge=args.edge, limit=args.limit, stores=st)
     if q == "rollouts":
-        return rollouts(args.data_dir, name=args.name, edge=args.edge, limit=args.limit)
+        return rollouts(args.data_dir, name=args.name, edge=args.edge, limit=args.limit, stores=st)
     raise QueryError(f"unknown query {q!r}")
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from fogline.cloudstores import label, open_reader, sqlite_stores
 
 Span = tuple[int, int]
 
@@ -83,32 +85,28 @@ def read_ledgers(data_dir: Path) -> tuple[dict[str, tuple[str, int]], int]:
     return out, total
 
 
-def build_report(data_dir: Path) -> dict[str, Any]:
-    """Account for every reading produced under `data_dir` (simulator ledgers + cloud stores)."""
+def build_report(data_dir: Path, stores: Sequence[str] = ()) -> dict[str, Any]:
+    """Account for every reading produced under `data_dir` (simulator ledgers + cloud stores),
+    reading also the PostgreSQL `stores` (URLs); raises `StoreReadError` for an unreadable one."""
     ledger, ledger_bytes = read_ledgers(data_dir)
     covered_spans: dict[str, list[Span]] = defaultdict(list)
     summary_spans: dict[str, list[Span]] = defaultdict(list)
     drop_spans: dict[str, dict[str, list[Span]]] = defaultdict(lambda: defaultdict(list))
     events = duplicate_events = rejected = 0
-    stores = sorted(data_dir.glob("cloud-*/cloud.db"))
-    for path in stores:
-        conn = _read_only(path)
-        try:
-            for device, first, last in conn.execute("SELECT device, first, last FROM summaries"):
-                summary_spans[device].append((first, last))
-            for device, first, last, n in conn.execute(
-                "SELECT device, first, last, count(*) FROM events GROUP BY device, first, last"
+    locations: list[Path | str] = [*sqlite_stores(data_dir), *stores]
+    for location in locations:
+        with open_reader(location) as db:
+            for r in db.select("SELECT device, first, last FROM summaries"):
+                summary_spans[r["device"]].append((r["first"], r["last"]))
+            for r in db.select(
+                "SELECT device, first, last, count(*) AS n FROM events GROUP BY device, first, last"
             ):
-                covered_spans[device].append((first, last))
-                events += n
-                duplicate_events += n - 1
-            for device, first, last, reason in conn.execute(
-                "SELECT device, first, last, reason FROM drop_ranges"
-            ):
-                drop_spans[device][reason].append((first, last))
-            rejected += conn.execute("SELECT count(*) FROM rejected").fetchone()[0]
-        finally:
-            conn.close()
+                covered_spans[r["device"]].append((r["first"], r["last"]))
+                events += r["n"]
+                duplicate_events += r["n"] - 1
+            for r in db.select("SELECT device, first, last, reason FROM drop_ranges"):
+                drop_spans[r["device"]][r["reason"]].append((r["first"], r["last"]))
+            rejected += db.select("SELECT count(*) AS n FROM rejected")[0]["n"]
 
     produced = covered = dropped_total = duplicates = 0
     dropped: dict[str, int] = defaultdict(int)
@@ -147,7 +145,7 @@ def build_report(data_dir: Path) -> dict[str, Any]:
             "edge_fog": _sent_bytes(data_dir.glob("edge-*/edge.db")),
             "fog_cloud": _sent_bytes(data_dir.glob("fog-*/fog.db")),
         },
-        "stores": [str(p) for p in stores],
+        "stores": [label(loc) for loc in locations],
         "unaccounted_devices": losses[:20],
     }
 

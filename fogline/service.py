@@ -91,6 +91,8 @@ class Service:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
+        #: This process's id in its client id and its status, metrics and DLQ topics.
+        self.ident = config.process_id()
         self.topics = Topics(config.topic_root)
         self.counters: Counter[str] = Counter()
         self.stopping = False
@@ -149,7 +151,7 @@ class Service:
 
     def publish_status(self) -> None:
         """Publish the retained `online` status again (after what it describes changed)."""
-        status = self.topics.status(self.role, self.config.id)
+        status = self.topics.status(self.role, self.ident)
         self.publish(status, self._status_payload("online"), qos=1, retain=True)
 
     # ------------------------------------------------------------------ helpers for subclasses
@@ -157,7 +159,7 @@ class Service:
     @property
     def client_id(self) -> str:
         """The MQTT client id of this process."""
-        return f"fogline-{self.role}-{self.config.id}"
+        return f"fogline-{self.role}-{self.ident}"
 
     def next_seq(self) -> int:
         """A per-process message counter for envelopes."""
@@ -183,10 +185,10 @@ class Service:
             "size": len(payload),
             "payload": bytes(payload[:DLQ_COPY_BYTES]),
         }
-        dlq = self.topics.dlq(self.role, self.config.id)
+        dlq = self.topics.dlq(self.role, self.ident)
         self.publish(
             dlq,
-            encode_plain("dlq", self.config.id, body, seq=self.next_seq(), ts=time.time()),
+            encode_plain("dlq", self.ident, body, seq=self.next_seq(), ts=time.time()),
             qos=0,
         )
         self._ratelog.warning(
@@ -213,7 +215,7 @@ class Service:
     def _stuck(self) -> None:
         log.error(
             "%s %s did not stop within %.0fs of the request; thread stacks follow",
-            self.role, self.config.id, self.config.shutdown_timeout + STUCK_GRACE,
+            self.role, self.ident, self.config.shutdown_timeout + STUCK_GRACE,
         )  # fmt: skip
         with contextlib.suppress(OSError, ValueError, AttributeError):
             faulthandler.dump_traceback(all_threads=True)
@@ -239,7 +241,7 @@ class Service:
         body = {"state": state, "pid": os.getpid(), "version": __version__, "started": self.started}
         if state == "online":
             body |= self.status_extra()
-        return encode_plain("status", self.config.id, body, seq=0, ts=time.time())
+        return encode_plain("status", self.ident, body, seq=0, ts=time.time())
 
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(
@@ -259,7 +261,7 @@ class Service:
             )  # fmt: skip
         except (FoglineError, OSError, ValueError) as exc:
             raise ConfigError("tls", f"cannot set up TLS or the login: {exc}") from exc
-        status = self.topics.status(self.role, self.config.id)
+        status = self.topics.status(self.role, self.ident)
         client.will_set(status, self._status_payload("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -273,7 +275,7 @@ class Service:
         log.info("connected to %s:%d", self.config.broker_host, self.config.broker_port)
         for topic in self.subscriptions():
             client.subscribe(topic, qos=1)
-        status = self.topics.status(self.role, self.config.id)
+        status = self.topics.status(self.role, self.ident)
         client.publish(status, self._status_payload("online"), qos=1, retain=True)
         self.connected.set()
         self.call_soon(self.on_connected)
@@ -383,15 +385,15 @@ class Service:
             self.exporter.update(counters, gauges, uptime)
         body = {
             "role": self.role,
-            "id": self.config.id,
+            "id": self.ident,
             "uptime": uptime,
             "counters": counters,
             "gauges": gauges,
         }
-        topic = self.topics.metrics(self.role, self.config.id)
+        topic = self.topics.metrics(self.role, self.ident)
         self.publish(
             topic,
-            encode_plain("metrics", self.config.id, body, seq=self.next_seq(), ts=time.time()),
+            encode_plain("metrics", self.ident, body, seq=self.next_seq(), ts=time.time()),
             qos=0,
         )
 
@@ -405,7 +407,7 @@ class Service:
         log.info(
             "%s %s started (broker %s:%d)",
             self.role,
-            self.config.id,
+            self.ident,
             self.config.broker_host,
             self.config.broker_port,
         )
@@ -420,7 +422,7 @@ class Service:
                 if now >= next_metrics:
                     self._publish_metrics()
                     next_metrics = now + self.config.metrics_interval
-            log.info("%s %s stopping", self.role, self.config.id)
+            log.info("%s %s stopping", self.role, self.ident)
             self.stopping = True
             self.on_stopping()
             deadline = time.monotonic() + self.config.shutdown_timeout
@@ -429,12 +431,12 @@ class Service:
                 self.on_tick(time.time())
             if not self.drained():
                 log.warning(
-                    "%s %s stops with undelivered state (kept on disk)", self.role, self.config.id
+                    "%s %s stops with undelivered state (kept on disk)", self.role, self.ident
                 )
             self._publish_metrics()
         finally:
             self.on_stopped()
-            status = self.topics.status(self.role, self.config.id)
+            status = self.topics.status(self.role, self.ident)
             info = self.client.publish(status, self._status_payload("stopped"), qos=1, retain=True)
             if self.client.is_connected():
                 with contextlib.suppress(RuntimeError):
@@ -446,7 +448,7 @@ class Service:
                 self.exporter.stop()
             if self._watchdog is not None:
                 self._watchdog.cancel()
-        log.info("%s %s stopped", self.role, self.config.id)
+        log.info("%s %s stopped", self.role, self.ident)
         return 0
 
     def _start_exporter(self) -> None:
@@ -457,7 +459,7 @@ class Service:
         # Imported here: processes without `metrics_port` do not load prometheus-client.
         from fogline.prometheus import Exporter
 
-        exporter = Exporter(self.role, self.config.id)
+        exporter = Exporter(self.role, self.ident)
         try:
             exporter.start(self.config.metrics_host, port)
         except OSError as exc:
@@ -477,7 +479,7 @@ def main(
 ) -> int:
     """The whole life of a process command: parse its config, log, run until stopped."""
     cfg = parse(config, argv, prog=prog, description=description, section=prog)
-    setup_logging(cfg.log_level, cfg.log_format, role=service.role, ident=cfg.id)
+    setup_logging(cfg.log_level, cfg.log_format, role=service.role, ident=cfg.process_id())
     # `kill -USR1 PID` prints every thread's stack to the log: for a process that looks stuck.
     with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr without a file
         faulthandler.register(signal.SIGUSR1, all_threads=True)

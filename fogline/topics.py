@@ -58,6 +58,13 @@ class Topics:
         """Acks for the custody records of `role` `ident`."""
         return f"{self.root}/{role}/{ident}/ack"
 
+    def shared_up(self, group: str, fog: str) -> str:
+        """Shared subscription of the cloud-sink workers `group` to a fog's records (`+`: all).
+
+        The broker hands each message to one member of the group (MQTT 5, and MQTT 3.1.1 on
+        Mosquitto 2, EMQX, HiveMQ and VerneMQ)."""
+        return f"$share/{group}/{self.up('fog', fog)}"
+
     def parse_sender(self, topic: str, role: str) -> str:
         """Return the sender id of an `up` topic of `role`, or raise DecodeError."""
         prefix = f"{self.root}/{role}/"

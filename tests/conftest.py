@@ -1,7 +1,10 @@
-"""Shared fixtures: a private Mosquitto per test and connected paho-mqtt clients."""
+"""Shared fixtures: a private Mosquitto per test, connected paho-mqtt clients, a private
+PostgreSQL cluster per session and the cloud store on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import itertools
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,7 +14,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from cloud_sink.store import CloudStore, open_store
 from fogline.broker import Broker
+from fogline.pgcluster import PostgresCluster, find_pg_bin
 
 # Tests in these folders start a real Mosquitto; `-m "not integration"` skips them.
 _BROKER_DIRS = ("integration", "chaos")
@@ -82,3 +87,70 @@ def mqtt_client() -> Iterator[MqttClientFactory]:
     for client in clients:
         client.disconnect()
         client.loop_stop()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+_schemas = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster for the whole session, with a database `fogline`."""
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl): PostgreSQL tests skipped")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e .[dev])")
+    with PostgresCluster() as cluster:
+        cluster.create_database("fogline")
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresCluster) -> str:
+    """A fresh empty schema of the session's cluster, as a URL (its `search_path`)."""
+    import psycopg
+
+    schema = f"t{next(_schemas)}"
+    with psycopg.connect(postgres.url("fogline"), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{postgres.url('fogline')}?options=-csearch_path%3D{schema}"
+
+
+class StoreUnderTest:
+    """Where a cloud store lives (an SQLite path or a PostgreSQL URL) and a way to read it."""
+
+    def __init__(self, kind: str, where: str | Path) -> None:
+        self.kind = kind
+        self.where = where
+
+    def open(self) -> CloudStore:
+        """Open the store (migrating it)."""
+        return open_store(self.where)
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of a query, as tuples (both databases take the same plain SQL)."""
+        if self.kind == "sqlite":
+            conn = sqlite3.connect(self.where)
+            try:
+                return conn.execute(sql).fetchall()
+            finally:
+                conn.close()
+        import psycopg
+
+        with psycopg.connect(str(self.where)) as pg:
+            return pg.execute(sql).fetchall()
+
+    def tables(self) -> set[str]:
+        """The names of the tables in the store."""
+        if self.kind == "sqlite":
+            return {r[0] for r in self.rows("SELECT name FROM sqlite_master WHERE type='table'")}
+        sql = "SELECT table_name FROM information_schema.tables WHERE table_schema=current_schema()"
+        return {r[0] for r in self.rows(sql)}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> StoreUnderTest:
+    """The cloud store on SQLite (in `tmp_path`) and on PostgreSQL (a fresh schema)."""
+    if request.param == "sqlite":
+        return StoreUnderTest("sqlite", tmp_path / "cloud-c0" / "cloud.db")
+    return StoreUnderTest("postgres", request.getfixturevalue("pg_url"))

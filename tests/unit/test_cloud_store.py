@@ -1,16 +1,23 @@
-"""The cloud store: every valid record is stored once, every invalid one is kept as rejected."""
+"""The cloud store: every valid record is stored once, every invalid one is kept as rejected.
+
+Every test runs on SQLite and on PostgreSQL (`store_at`, see tests/conftest.py)."""
 
 from __future__ import annotations
 
-import sqlite3
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cloud_sink import store as store_module
-from cloud_sink.store import Store
-from fogline.codec import Batch, Record
+from cloud_sink.store import CloudStore
+from fogline.codec import Ack, Batch, Record
+from tests.conftest import StoreUnderTest
 
 STREAM = "fog-f0"
 
@@ -87,25 +94,16 @@ def _batch(*recs: tuple[str, dict[str, Any]], start: int = 0, low: int | None = 
     return Batch(low=start if low is None else low, records=records)
 
 
-def _counts(path: Path) -> dict[str, int]:
-    conn = sqlite3.connect(path)
-    try:
-        return {
-            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("summaries", "events", "drops", "drop_ranges", "rollups", "rejected")
-        }
-    finally:
-        conn.close()
+def _counts(at: StoreUnderTest) -> dict[str, int]:
+    return {
+        t: at.rows(f"SELECT count(*) FROM {t}")[0][0]
+        for t in ("summaries", "events", "drops", "drop_ranges", "rollups", "rejected")
+    }
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "cloud-c0" / "cloud.db"
-
-
-@pytest.fixture
-def store(path: Path) -> Any:
-    s = Store(path)
+def store(store_at: StoreUnderTest) -> Iterator[CloudStore]:
+    s = store_at.open()
     yield s
     s.close()
 
@@ -120,7 +118,7 @@ def _full_batch() -> Batch:
     )
 
 
-def test_apply_stores_every_kind_of_record(store: Store, path: Path) -> None:
+def test_apply_stores_every_kind_of_record(store: CloudStore, store_at: StoreUnderTest) -> None:
     counts = store.apply([(STREAM, _full_batch())], now=100.0)
     assert counts["summary"] == 2
     assert counts["event"] == 1
@@ -128,7 +126,7 @@ def test_apply_stores_every_kind_of_record(store: Store, path: Path) -> None:
     assert counts["rollup"] == 1
     assert counts["readings"] == 20
     assert counts["rejected"] == 0
-    assert _counts(path) == {
+    assert _counts(store_at) == {
         "summaries": 2,
         "events": 1,
         "drops": 1,
@@ -137,36 +135,37 @@ def test_apply_stores_every_kind_of_record(store: Store, path: Path) -> None:
         "rejected": 0,
     }
 
-    conn = sqlite3.connect(path)
-    rows = conn.execute(
+    rows = store_at.rows(
         "SELECT src, seq, device, first, last, count, mean, stored FROM summaries ORDER BY first"
-    ).fetchall()
+    )
     assert rows == [
         (STREAM, 0, "d0", 0, 9, 10, "[1.0, 50.0]", 100.0),
         (STREAM, 4, "d0", 15, 24, 10, "[1.0, 50.0]", 100.0),
     ]
-    assert conn.execute("SELECT device, first, last, field, z FROM events").fetchall() == [
+    assert store_at.rows("SELECT device, first, last, field, z FROM events") == [
         ("d0", 0, 9, "temp", 12.5)
     ]
-    assert conn.execute("SELECT seq, origin, reason FROM drops").fetchall() == [(2, "e0", "gap")]
-    assert conn.execute(
-        "SELECT device, first, last, reason FROM drop_ranges ORDER BY device"
-    ).fetchall() == [("d0", 10, 14, "gap"), ("d1", 0, 2, "gap")]
-    assert conn.execute("SELECT fog, edge, readings, dropped FROM rollups").fetchall() == [
+    assert store_at.rows("SELECT seq, origin, reason FROM drops") == [(2, "e0", "gap")]
+    assert store_at.rows("SELECT device, first, last, reason FROM drop_ranges ORDER BY device") == [
+        ("d0", 10, 14, "gap"),
+        ("d1", 0, 2, "gap"),
+    ]
+    assert store_at.rows("SELECT fog, edge, readings, dropped FROM rollups") == [
         ("f0", "e0", 10, 5)
     ]
-    conn.close()
     assert store.inbox.ack(STREAM).hwm == 4
 
 
-def test_applying_the_same_batch_twice_stores_nothing_new(store: Store, path: Path) -> None:
+def test_applying_the_same_batch_twice_stores_nothing_new(
+    store: CloudStore, store_at: StoreUnderTest
+) -> None:
     batch = _full_batch()
     store.apply([(STREAM, batch)], now=1.0)
-    before = _counts(path)
+    before = _counts(store_at)
     again = store.apply([(STREAM, batch)], now=2.0)
     assert again["summary"] == again["event"] == again["drop"] == again["rollup"] == 0
     assert again["readings"] == 0
-    assert _counts(path) == before
+    assert _counts(store_at) == before
     ack = store.inbox.ack(STREAM)
     assert (ack.hwm, ack.ranges) == (4, ())
 
@@ -175,15 +174,15 @@ def test_applying_the_same_batch_twice_stores_nothing_new(store: Store, path: Pa
     more = _batch(("summary", _summary("d0", 25, 29)), ("event", _event("d0", 25, 29)), start=5)
     counts = store.apply([(STREAM, tail), (STREAM, more), (STREAM, more)], now=3.0)
     assert (counts["summary"], counts["event"]) == (1, 1)
-    after = _counts(path)
+    after = _counts(store_at)
     assert (after["summaries"], after["events"]) == (before["summaries"] + 1, before["events"] + 1)
     assert store.inbox.ack(STREAM).hwm == 6
 
 
-def test_streams_are_independent(store: Store, path: Path) -> None:
+def test_streams_are_independent(store: CloudStore, store_at: StoreUnderTest) -> None:
     store.apply([("fog-f0", _batch(("summary", _summary("d0", 0, 9))))], now=1.0)
     store.apply([("fog-f1", _batch(("summary", _summary("d5", 0, 9))))], now=1.0)
-    assert _counts(path)["summaries"] == 2
+    assert _counts(store_at)["summaries"] == 2
     assert store.inbox.ack("fog-f0").hwm == 0
     assert store.inbox.ack("fog-f1").hwm == 0
 
@@ -217,13 +216,13 @@ INVALID = {
 
 @pytest.mark.parametrize("case", sorted(INVALID))
 def test_an_invalid_record_is_rejected_with_a_reason_and_acknowledged(
-    store: Store, path: Path, case: str
+    store: CloudStore, store_at: StoreUnderTest, case: str
 ) -> None:
     kind, body = INVALID[case]
     batch = _batch(("summary", _summary("d0", 0, 9)), (kind, body), ("event", _event("d0", 0, 9)))
     counts = store.apply([(STREAM, batch)], now=5.0)
     assert counts["rejected"] == 1
-    assert _counts(path) | {"drops": 0, "drop_ranges": 0, "rollups": 0} == {
+    assert _counts(store_at) | {"drops": 0, "drop_ranges": 0, "rollups": 0} == {
         "summaries": 1,
         "events": 1,
         "drops": 0,
@@ -231,67 +230,229 @@ def test_an_invalid_record_is_rejected_with_a_reason_and_acknowledged(
         "rollups": 0,
         "rejected": 1,
     }
-    conn = sqlite3.connect(path)
-    ((src, seq, rkind, reason, stored),) = conn.execute(
+    ((src, seq, rkind, reason, stored),) = store_at.rows(
         "SELECT src, seq, kind, reason, stored FROM rejected"
-    ).fetchall()
-    conn.close()
+    )
     assert (src, seq, rkind, stored) == (STREAM, 1, kind, 5.0)
     assert reason
     assert store.inbox.ack(STREAM).hwm == 2
 
     # A re-send does not make it valid and does not store it twice.
     store.apply([(STREAM, batch)], now=6.0)
-    assert _counts(path)["rejected"] == 1
-    assert _counts(path)["summaries"] == 1
+    assert _counts(store_at)["rejected"] == 1
+    assert _counts(store_at)["summaries"] == 1
 
 
-def test_a_drop_with_an_invalid_range_stores_none_of_its_ranges(store: Store, path: Path) -> None:
+def test_a_drop_with_an_invalid_range_stores_none_of_its_ranges(
+    store: CloudStore, store_at: StoreUnderTest
+) -> None:
     batch = _batch(("drop", _drop([["d0", 0, 4], ["d1", 9, 0]])))
     assert store.apply([(STREAM, batch)])["rejected"] == 1
-    counts = _counts(path)
+    counts = _counts(store_at)
     assert (counts["drops"], counts["drop_ranges"], counts["rejected"]) == (0, 0, 1)
 
 
-def test_a_crash_between_apply_and_ack_does_not_duplicate(path: Path) -> None:
+def test_a_crash_between_apply_and_ack_does_not_duplicate(store_at: StoreUnderTest) -> None:
     batch = _full_batch()
-    first = Store(path)
+    first = store_at.open()
     first.apply([(STREAM, batch)], now=1.0)
     first.close()  # the process dies before publishing the ack; the fog re-sends everything
-    before = _counts(path)
+    before = _counts(store_at)
 
-    second = Store(path)
+    second = store_at.open()
     try:
         again = second.apply([(STREAM, batch)], now=2.0)
         assert again["rejected"] == 0
         assert again["readings"] == 0
-        assert _counts(path) == before
+        assert _counts(store_at) == before
         assert second.inbox.ack(STREAM).hwm == 4
     finally:
         second.close()
 
 
-def test_the_schema_and_the_data_survive_reopening(path: Path) -> None:
-    s = Store(path)
+def test_the_schema_and_the_data_survive_reopening(store_at: StoreUnderTest) -> None:
+    s = store_at.open()
     s.apply([(STREAM, _full_batch())], now=1.0)
     s.close()
     for _ in range(2):
-        s = Store(path)
+        s = store_at.open()
         s.close()
-    conn = sqlite3.connect(path)
-    try:
-        versions = dict(conn.execute("SELECT component, version FROM schema_migrations"))
-        assert versions["cloud"] == len(store_module._MIGRATIONS)
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"summaries", "events", "drops", "drop_ranges", "rollups", "rejected"} <= tables
-    finally:
-        conn.close()
-    assert _counts(path)["summaries"] == 2
+    versions = dict(store_at.rows("SELECT component, version FROM schema_migrations"))
+    assert versions["cloud"] == len(store_module.MIGRATIONS)
+    assert {"summaries", "events", "drops", "drop_ranges", "rollups", "rejected", "inbox"} <= (
+        store_at.tables()
+    )
+    assert _counts(store_at)["summaries"] == 2
 
-    s = Store(path)
+    s = store_at.open()
     try:
         more = _batch(("summary", _summary("d0", 25, 34)), start=5)
         assert s.apply([(STREAM, more)])["summary"] == 1
-        assert _counts(path)["summaries"] == 3
+        assert _counts(store_at)["summaries"] == 3
     finally:
         s.close()
+
+
+def test_large_numbers_and_nul_characters_are_rejected_on_both_stores(
+    store: CloudStore, store_at: StoreUnderTest
+) -> None:
+    # Neither store can hold an integer of 2**63 or more; PostgreSQL text cannot hold NUL.
+    batch = _batch(
+        ("drop", _drop([["d0", 0, 2**63]])),
+        ("summary", _summary("d\x000")),
+        ("drop", _drop([["d\x00", 0, 1]])),
+        ("model", {"fog": "f0", "name": "anomaly", "version": 2, "event": "x", "detail": "\x00"}),
+        ("no\x00such", {}),
+        ("summary", _summary("d0", 0, 9)),
+    )
+    counts = store.apply([(STREAM, batch)], now=1.0)
+    assert (counts["rejected"], counts["summary"]) == (5, 1)
+    kinds = sorted(r[0] for r in store_at.rows("SELECT kind FROM rejected"))
+    assert kinds == ["drop", "drop", "model", "no\\x00such", "summary"]
+
+
+def test_model_events_with_evidence_are_stored_on_both_stores(
+    store: CloudStore, store_at: StoreUnderTest
+) -> None:
+    evidence = bytes(range(256))
+    model = _event(
+        kind="model", status="warning", score=0.9, threshold=0.5, fault="bearing_wear",
+        confidence=0.93, hours_to_failure=12.5, recommendation="replace the bearing",
+        escalated=True, verdict_by="fog", unconfirmed=False, model="anomaly@1",
+        evidence=evidence, repeats=3,
+    )  # fmt: skip
+    rollout = {"fog": "f0", "name": "anomaly", "version": 2, "event": "canary", "ts": 5.0}
+    counts = store.apply([(STREAM, _batch(("event", model), ("model", rollout)))], now=1.0)
+    assert (counts["event"], counts["model"], counts["rejected"]) == (1, 1, 0)
+    ((ev, esc, unc, fault, hours, repeats),) = store_at.rows(
+        "SELECT evidence, escalated, unconfirmed, fault, hours_to_failure, repeats FROM events"
+    )
+    assert (bytes(ev), esc, unc, fault, hours, repeats) == (evidence, 1, 0, "bearing_wear", 12.5, 3)
+    assert store_at.rows("SELECT name, version, event, ts FROM model_events") == [
+        ("anomaly", 2, "canary", 5.0)
+    ]
+
+
+@pytest.mark.postgres
+def test_both_stores_have_the_same_tables_and_columns(tmp_path: Path, pg_url: str) -> None:
+    # One schema, written once in SQLite's dialect and translated: nothing may drift.
+    lite = StoreUnderTest("sqlite", tmp_path / "cloud.db")
+    pg = StoreUnderTest("postgres", pg_url)
+    for at in (lite, pg):
+        at.open().close()
+    assert lite.tables() == pg.tables()
+    types = {"TEXT": "text", "INTEGER": "bigint", "REAL": "double precision", "BLOB": "bytea"}
+    for table in sorted(lite.tables()):
+        want = [(r[1], types[r[2]], bool(r[3])) for r in lite.rows(f"PRAGMA table_info({table})")]
+        got = pg.rows(
+            "SELECT column_name, data_type, is_nullable = 'NO' FROM information_schema.columns"
+            f" WHERE table_schema = current_schema() AND table_name = '{table}'"
+            " ORDER BY ordinal_position"
+        )
+        # SQLite reports NOT NULL only where declared; PostgreSQL also for key columns.
+        keys = {r[1] for r in lite.rows(f"PRAGMA table_info({table})") if r[5]}
+        assert [(c, t, n or c in keys) for c, t, n in want] == got, table
+
+
+# ----------------------------------------------------------------------------- several workers
+
+
+def _stream_batches(stream_seqs: int, size: int, rng: random.Random) -> list[Batch]:
+    """Batches of one stream as a fog might send them: in order, some re-sent, some re-cut."""
+    batches = [
+        _batch(
+            *(("summary", _summary("d0", 10 * s, 10 * s + 9)) for s in range(i, i + size)),
+            start=i,
+            low=0,
+        )
+        for i in range(0, stream_seqs, size)
+    ]
+    resent = rng.sample(batches, len(batches) // 3)
+    recut = [
+        Batch(low=0, records=b.records[len(b.records) // 2 :] + c.records[:3])
+        for b, c in itertools.pairwise(batches)
+        if rng.random() < 0.3
+    ]
+    return batches + resent + recut
+
+
+def _slowed(insert: Callable[[str, list[dict[str, Any]]], None]) -> Any:
+    def slow(table: str, rows: list[dict[str, Any]]) -> None:
+        time.sleep(0.002)
+        insert(table, rows)
+
+    return slow
+
+
+def test_two_workers_applying_one_stream_out_of_order_and_at_once_store_each_record_once(
+    store_at: StoreUnderTest,
+) -> None:
+    """Custody with parallel sinks: any worker may get any batch of any stream, in any order,
+    at the same time as another; each record is stored once and every ack a worker reads after
+    its commit covers what it committed."""
+    rng = random.Random(7)
+    per_stream = 600
+    work = [(s, b) for s in ("f0", "f1", "f2") for b in _stream_batches(per_stream, 20, rng)]
+    rng.shuffle(work)
+    stores = [store_at.open(), store_at.open()]
+    for s in stores:  # a slower insert widens the window in which the two could interleave
+        s._insert = _slowed(s._insert)  # type: ignore[method-assign]
+    acks: list[list[tuple[set[int], set[int]]]] = [[], []]
+    errors: list[BaseException] = []
+
+    def seen(ack: Ack) -> set[int]:
+        return set(range(ack.hwm + 1)).union(*(range(lo, hi + 1) for lo, hi in ack.ranges))
+
+    def worker(k: int) -> None:
+        try:
+            mine = work[k::2]
+            for i in range(0, len(mine), 3):  # a few batches, maybe of several streams, at once
+                group = mine[i : i + 3]
+                stores[k].apply(group, now=1.0)
+                for stream, batch in group:
+                    acks[k].append(
+                        ({r.seq for r in batch.records}, seen(stores[k].inbox.ack(stream)))
+                    )
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for s in stores:
+        s.close()
+    assert not errors, errors
+    assert all(applied <= acked for k in (0, 1) for applied, acked in acks[k])
+    assert len(acks[0]) + len(acks[1]) == len(work)
+    rows = store_at.rows("SELECT src, seq FROM summaries")
+    assert len(rows) == len(set(rows)) == 3 * per_stream
+    final = store_at.open()
+    try:
+        for stream in ("f0", "f1", "f2"):
+            ack = final.inbox.ack(stream)
+            assert (ack.hwm, ack.ranges) == (per_stream - 1, ())
+    finally:
+        final.close()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_store_reconnects_when_its_connection_is_cut(pg_url: str) -> None:
+    import psycopg
+
+    at = StoreUnderTest("postgres", pg_url)
+    store = at.open()
+    try:
+        store.apply([(STREAM, _batch(("summary", _summary("d0", 0, 9))))], now=1.0)
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'fogline-cloud-sink'"
+            )
+        more = _batch(("summary", _summary("d0", 0, 9)), ("summary", _summary("d0", 10, 19)))
+        assert store.apply([(STREAM, more)], now=2.0)["summary"] == 1
+        assert store.inbox.ack(STREAM).hwm == 1
+    finally:
+        store.close()
+    assert _counts(at)["summaries"] == 2

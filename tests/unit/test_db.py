@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,26 @@ def test_migrate_applies_every_step_once_in_order(conn: sqlite3.Connection) -> N
     assert db.migrate(conn, "demo", STEPS) == 3
     assert _log(conn) == [1, 2, 20, 3]
     assert db.migrate(conn, "demo", STEPS) == 3
+    assert _log(conn) == [1, 2, 20, 3]
+
+
+def test_processes_migrating_at_once_apply_each_step_once(conn: sqlite3.Connection) -> None:
+    # Several cloud-sink workers open the same new database at the same moment.
+    others = [_reopen(conn) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def run(c: sqlite3.Connection) -> None:
+        try:
+            assert db.migrate(c, "demo", STEPS) == 3
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in [conn, *others]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
     assert _log(conn) == [1, 2, 20, 3]
 
 

@@ -46,6 +46,7 @@ PLACEHOLDERS = {
     "ident": "{id}",
     "name": "{name}",
     "index": "{index}",
+    "group": "{group}",
 }
 # Builders whose `role` is a custody hop: documented once per sending role, not as `{role}`.
 CUSTODY_BUILDERS = ("up", "ack", "up_sub")

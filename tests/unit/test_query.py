@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cloud_sink.store import Store
+from cloud_sink.store import open_store
 from device_sim.ledger import Ledger
 from fogline import query
 from fogline.cli import main
@@ -82,8 +82,10 @@ def _rollup(edge: str, t1: float, readings: int) -> tuple[str, dict[str, Any]]:
     return ("rollup", body)
 
 
-def _cloud(data: Path, recs: list[tuple[str, dict[str, Any]]], cloud: str = "c0") -> None:
-    store = Store(data / f"cloud-{cloud}" / "cloud.db")
+def _cloud(data: Path | str, recs: list[tuple[str, dict[str, Any]]], cloud: str = "c0") -> None:
+    """Store `recs` in the SQLite store of `cloud` under a data dir, or at a PostgreSQL URL."""
+    where = data if isinstance(data, str) else data / f"cloud-{cloud}" / "cloud.db"
+    store = open_store(where)
     try:
         records = tuple(Record(seq=i, kind=k, body=b) for i, (k, b) in enumerate(recs))
         store.apply([("f0", Batch(low=0, records=records))], now=T0 + 1000)
@@ -91,30 +93,35 @@ def _cloud(data: Path, recs: list[tuple[str, dict[str, Any]]], cloud: str = "c0"
         store.close()
 
 
+def _records() -> list[tuple[str, dict[str, Any]]]:
+    """Four devices: d0 and d3 with warnings, d1 with a gap, d2 with a z-score event only."""
+    return [
+        _summary("d0", 0, 19),
+        _summary("d0", 20, 39),
+        _summary("d1", 0, 9),
+        _drop("d1", 10, 29, "gap"),
+        _drop("d1", 25, 34, "expired"),  # 25..29 also in the gap: counts once, as expired
+        _summary("d2", 0, 19, edge="e1"),
+        _summary("d3", 0, 14, edge="e1"),  # 15..19 unaccounted
+        _zscore("d2", 5, 14, ts=T0 + 14),
+        _warning("d0", 0, T0 + 9, fault="bearing_wear", hours=8.0),
+        _warning("d0", 20, T0 + 29, fault="bearing_wear", hours=5.0, repeats=2),
+        _warning("d3", 0, T0 + 9, fault="overheating", hours=1.5, confidence=0.7),
+        _warning("d1", 0, T0 + 9, fault="sensor_stuck", hours=None),
+        _rollup("e0", T0 + 10, 60),
+        _rollup("e1", T0 + 10, 40),
+        _rollup("e0", T0 + 20, 20),
+    ]
+
+
+LEDGER = [("d0", "e0", 40), ("d1", "e0", 40), ("d2", "e1", 20), ("d3", "e1", 20)]
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     """Four devices: d0 and d3 with warnings, d1 with a gap, d2 with a z-score event only."""
-    _ledger(tmp_path, [("d0", "e0", 40), ("d1", "e0", 40), ("d2", "e1", 20), ("d3", "e1", 20)])
-    _cloud(
-        tmp_path,
-        [
-            _summary("d0", 0, 19),
-            _summary("d0", 20, 39),
-            _summary("d1", 0, 9),
-            _drop("d1", 10, 29, "gap"),
-            _drop("d1", 25, 34, "expired"),  # 25..29 also in the gap: counts once, as expired
-            _summary("d2", 0, 19, edge="e1"),
-            _summary("d3", 0, 14, edge="e1"),  # 15..19 unaccounted
-            _zscore("d2", 5, 14, ts=T0 + 14),
-            _warning("d0", 0, T0 + 9, fault="bearing_wear", hours=8.0),
-            _warning("d0", 20, T0 + 29, fault="bearing_wear", hours=5.0, repeats=2),
-            _warning("d3", 0, T0 + 9, fault="overheating", hours=1.5, confidence=0.7),
-            _warning("d1", 0, T0 + 9, fault="sensor_stuck", hours=None),
-            _rollup("e0", T0 + 10, 60),
-            _rollup("e1", T0 + 10, 40),
-            _rollup("e0", T0 + 20, 20),
-        ],
-    )
+    _ledger(tmp_path, LEDGER)
+    _cloud(tmp_path, _records())
     return tmp_path
 
 
@@ -193,6 +200,33 @@ def test_rollups_filter_by_edge_newest_first(data: Path) -> None:
         ("e0", T0 + 10, 60),
     ]
     assert len(query.rollups(data)) == 3
+
+
+@pytest.mark.postgres
+def test_every_query_reads_a_postgresql_store_as_it_reads_sqlite(
+    data: Path, tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _cloud(pg_url, _records())
+    ledger_only = tmp_path / "pg"
+    _ledger(ledger_only, LEDGER)
+    pg = [pg_url]
+    assert query.at_risk(ledger_only, stores=pg) == query.at_risk(data)
+    assert query.events(ledger_only, limit=None, stores=pg) == query.events(data, limit=None)
+    assert query.events(ledger_only, device="d0", since=T0 + 10, stores=pg) == query.events(
+        data, device="d0", since=T0 + 10
+    )
+    assert query.summaries(ledger_only, limit=2, stores=pg) == query.summaries(data, limit=2)
+    assert query.coverage(ledger_only, stores=pg) == query.coverage(data)
+    assert query.rollups(ledger_only, edge="e0", stores=pg) == query.rollups(data, edge="e0")
+    assert query.rollouts(ledger_only, stores=pg) == query.rollouts(data) == []
+    # Both at once: the SQLite stores of the data dir and the PostgreSQL one.
+    assert len(query.events(data, limit=None, stores=pg)) == 2 * len(query.events(data, limit=None))
+
+    assert main(["query", "at-risk", "--data-dir", str(ledger_only), "--store", pg_url]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[0] == "d3"
+    bad = pg_url.replace("/fogline?", "/nosuchdb?")
+    assert main(["query", "at-risk", "--data-dir", str(ledger_only), "--store", bad]) == 2
+    assert "cannot open" in capsys.readouterr().err
 
 
 def test_several_cloud_stores_are_read_together(data: Path) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cloud_sink.store import Store
+from cloud_sink.store import Store, open_store
 from device_sim.ledger import Ledger
+from fogline.cli import main
 from fogline.codec import Batch, Record
 from fogline.report import build_report, format_report, read_ledgers, size, subtract, union
 
@@ -148,13 +150,16 @@ def _drop(device: str, first: int, last: int, reason: str) -> tuple[str, dict[st
     return ("drop", body)
 
 
+def _records(recs: list[tuple[str, dict[str, Any]]]) -> tuple[Record, ...]:
+    return tuple(Record(seq=i, kind=k, body=b) for i, (k, b) in enumerate(recs))
+
+
 def _cloud(
     data: Path, recs: list[tuple[str, dict[str, Any]]], cloud: str = "c0", stream: str = "f0"
 ) -> None:
     store = Store(data / f"cloud-{cloud}" / "cloud.db")
     try:
-        records = tuple(Record(seq=i, kind=k, body=b) for i, (k, b) in enumerate(recs))
-        store.apply([(stream, Batch(low=0, records=records))], now=1.0)
+        store.apply([(stream, Batch(low=0, records=_records(recs)))], now=1.0)
     finally:
         store.close()
 
@@ -314,6 +319,37 @@ def test_rejected_records_of_every_store_are_counted(tmp_path: Path) -> None:
     assert rep["unaccounted"] == 0
     assert len(rep["stores"]) == 2
     assert rep["rejected_records"] == 3
+
+
+@pytest.mark.postgres
+def test_a_postgresql_store_is_reported_like_an_sqlite_one(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recs = [
+        _summary("d0", 0, 9), _drop("d0", 10, 16, "gap"), _summary("d0", 17, 29),
+        _event("d0", 20, 29), _event("d0", 20, 29), ("summary", {"device": "d0"}),
+    ]  # fmt: skip
+    lite, pg = tmp_path / "lite", tmp_path / "pg"
+    for data in (lite, pg):
+        _ledger(data, [("d0", "e0", 30, 0), ("d1", "e0", 5, 0)])
+    _cloud(lite, recs)
+    store = open_store(pg_url)
+    try:
+        store.apply([("f0", Batch(low=0, records=_records(recs)))], now=1.0)
+    finally:
+        store.close()
+    want = build_report(lite)
+    got = build_report(pg, [pg_url])
+    assert got["stores"] == [pg_url]  # no password in it to hide
+    assert {k: v for k, v in got.items() if k != "stores"} == {
+        k: v for k, v in want.items() if k != "stores"
+    }
+    assert (got["unaccounted"], got["duplicates"], got["rejected_records"]) == (5, 1, 1)
+
+    assert main(["report", "--data-dir", str(pg), "--store", pg_url, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["unaccounted"] == 5
+    assert main(["report", "--data-dir", str(pg), "--store", "/tmp/cloud.db"]) == 2
+    assert "not a postgresql:// URL" in capsys.readouterr().err
 
 
 def test_an_empty_data_dir_reports_nothing_produced(tmp_path: Path) -> None:
