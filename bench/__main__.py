@@ -354,7 +354,24 @@ def footprint(quick: bool) -> dict[str, Any]:
         for name in sorted(peak)
     }
     return {"processes": rows, "produced": produced, "duration": duration,
-            "unaccounted": rep["unaccounted"]}  # fmt: skip
+            "unaccounted": rep["unaccounted"], "limits": edge_limits()}  # fmt: skip
+
+
+def edge_limits() -> dict[str, float]:
+    """The edge agent's resource limits in `deploy/kubernetes` (MiB, cores)."""
+    import yaml  # kubernetes-validate's dependency: the manifests are only read here
+
+    doc = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "edge-agent-e0.yaml").read_text())
+    docs = doc if isinstance(doc, list) else [doc]
+    for d in docs:
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            limits = c.get("resources", {}).get("limits", {})
+            if "memory" in limits and "cpu" in limits:
+                mem, cpu = str(limits["memory"]), str(limits["cpu"])
+                mib = float(mem.removesuffix("Mi")) if mem.endswith("Mi") else float(mem) / 2**20
+                cores = float(cpu.removesuffix("m")) / 1000 if cpu.endswith("m") else float(cpu)
+                return {"memory_mib": mib, "cpu_cores": cores}
+    raise ValueError("no edge-agent container with memory and cpu limits in the manifest")
 
 
 def render_footprint(res: dict[str, Any], command: str) -> str:
@@ -373,6 +390,18 @@ def render_footprint(res: dict[str, Any], command: str) -> str:
         "CPU is the last sample before each process stopped (sampled every 0.2 s from /proc); "
         "the edge's share includes loading its models.",
     ]
+    edge = next((r for n, r in res["processes"].items() if n.startswith("edge")), None)
+    lim = res.get("limits")
+    if edge is not None and lim:
+        cores = edge["cpu_s_per_million"] * res["produced"] / 1e6 / res["duration"]
+        lines += [
+            "",
+            f"Against the edge agent's limits in `deploy/kubernetes` ({lim['memory_mib']:.0f} MiB, "
+            f"{lim['cpu_cores']:g} cores): peak RSS {edge['peak_rss_mib']:.0f} MiB = "
+            f"{edge['peak_rss_mib'] / lim['memory_mib']:.0%} of the memory limit; "
+            f"{cores:.2f} cores on average over the run = {cores / lim['cpu_cores']:.0%} of the "
+            "CPU limit.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,7 @@ from fogline.cloudstores import is_url
 from fogline.codec import Batch, decode, encode_ack
 from fogline.config import ServiceConfig, setting
 from fogline.errors import ConfigError, DecodeError
+from fogline.latency import Latency
 from fogline.logs import log_records
 from fogline.service import Inbound, Service
 from fogline.topics import check_id
@@ -91,6 +92,8 @@ class CloudSink(Service):
             raise ConfigError("store", "PostgreSQL needs psycopg: pip install 'fogline[postgres]'")
         super().__init__(config)
         self.cfg = config
+        #: Device publish of an event's window -> its commit here.
+        self.latency = Latency()
 
     def on_start(self) -> None:
         where = self.cfg.store or self.cfg.data_dir / f"cloud-{self.cfg.id}" / STORE_FILE
@@ -135,6 +138,9 @@ class CloudSink(Service):
         if not batches:
             return
         counts = self.store.apply(batches)
+        committed = time.time()
+        for sent in self.store.published:
+            self.latency.record(committed - sent)
         self.counters["batches"] += len(batches)
         if log.isEnabledFor(logging.DEBUG):
             # Redelivered records are in the batches too: they were committed the first time.
@@ -148,7 +154,10 @@ class CloudSink(Service):
             self.publish(self.topics.ack("fog", fog), payload, qos=1)
 
     def metrics(self) -> dict[str, Any]:
-        return {"stored_records": sum(v for k, v in self.store.stats.items() if k != "readings")}
+        return {
+            "stored_records": sum(v for k, v in self.store.stats.items() if k != "readings"),
+            **self.latency.gauges("commit"),
+        }
 
     def on_stopped(self) -> None:
         store: CloudStore | None = getattr(self, "store", None)  # None if it never opened

@@ -339,6 +339,9 @@ class CloudStore(ABC):
 
     def __init__(self) -> None:
         self.stats: Counter[str] = Counter()
+        #: When the devices published the windows of the events the last `apply` committed
+        #: (their `published`): the sink's commit latency.
+        self.published: list[float] = []
 
     @abstractmethod
     def _transaction(self, streams: Sequence[str]) -> AbstractContextManager[Any]:
@@ -367,6 +370,7 @@ class CloudStore(ABC):
                     converted[(stream, rec.seq)] = record_rows(stream, rec, now)
         counts: Counter[str] = Counter()
         rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        published: list[float] = []
         with self._transaction(sorted({stream for stream, _ in batches})):
             for stream, batch in batches:
                 for rec in self.inbox.accept(stream, batch):
@@ -374,11 +378,15 @@ class CloudStore(ABC):
                     counts[counted] += 1
                     for table, row in made:
                         rows[table].append(row)
+                    sent = rec.body.get("published") if counted == "event" else None
+                    if isinstance(sent, int | float) and not isinstance(sent, bool):
+                        published.append(float(sent))
             for table in TABLES:
                 if rows.get(table):
                     self._insert(table, rows[table])
         counts["readings"] = sum(r["count"] for r in rows["summaries"])
         self.stats.update(counts)
+        self.published = [p for p in published if math.isfinite(p)]
         return counts
 
     def _check_columns(self, table: str, rows: list[dict[str, Any]], known: Sequence[str]) -> None:

@@ -138,6 +138,10 @@ def test_signed_rollout_canary_rollback_and_an_offline_edge(
         CANARY + 30,
         "the canary to install v3 and then the rollback v4",
     )
+    # Latencies travel in the metrics: every decided window at the edges, every stored warning.
+    assert all((hand.watcher.gauge("edge", e, "latency.decision.count") or 0) > 0 for e in EDGES)
+    assert (hand.watcher.gauge("cloud", "c0", "latency.commit.count") or 0) > 0
+    assert 0 < (hand.watcher.gauge("edge", "e0", "latency.decision.p50_ms") or 0) < 1000
     hand.finish(EDGES, sim_timeout=DURATION + 30)
 
     rep = report_from(data)

@@ -456,3 +456,17 @@ def test_a_postgresql_store_reconnects_when_its_connection_is_cut(pg_url: str) -
     finally:
         store.close()
     assert _counts(at)["summaries"] == 2
+
+
+def test_the_publish_times_of_committed_events_are_kept_for_the_commit_latency(
+    store: CloudStore,
+) -> None:
+    batch = _batch(
+        ("event", _event("d0", 0, 9, published=1000.5)),
+        ("event", _event("d1", 0, 9)),  # an older edge: no publish time
+        ("summary", _summary("d0", 0, 9)),
+    )
+    store.apply([("f0", batch)])
+    assert store.published == [1000.5]
+    store.apply([("f0", batch)])  # redelivered: nothing committed, nothing to time
+    assert store.published == []
