@@ -124,6 +124,9 @@ class FogConfig(SenderConfig):
     retrain_flavour: str = setting(
         "float32", "Number format of retrained models.", choices=("float32", "float16", "int8")
     )
+    retrain_models: list[str] = setting(
+        ["classifier"], "Edge models the fog retrains (classifier, anomaly)."
+    )
     model_chunk_bytes: int = setting(
         64 * 1024, "Bytes per model chunk message (below the broker's message limit).",
         minimum=1024, maximum=4 * 1024 * 1024,
@@ -133,6 +136,11 @@ class FogConfig(SenderConfig):
         super().validate()
         check_id(self.cloud_id, "cloud_id")
         check_id(self.site, "site")
+        unknown = set(self.retrain_models) - set(RETRAINED)
+        if unknown:
+            raise ConfigError(
+                "retrain_models", f"{sorted(unknown)}: the fog retrains {', '.join(RETRAINED)}"
+            )
         for edge in self.edges:
             if edge != "+":
                 check_id(edge, "edges")
@@ -187,7 +195,7 @@ class FogAggregator(Service):
         if new < cfg.retrain_min_samples:
             return ""
         states = self.rollouts.state()
-        if any(states.get(name, {}).get("state") == "canary" for name in RETRAINED):
+        if any(states.get(name, {}).get("state") == "canary" for name in cfg.retrain_models):
             return ""
         if cfg.retrain_interval and now - self._last_retrain >= cfg.retrain_interval:
             return f"schedule ({new} new samples)"
@@ -213,11 +221,13 @@ class FogAggregator(Service):
         assert self.rollouts is not None
         rows = self.db.execute("SELECT features, fields, label, device FROM training").fetchall()
         stable: dict[str, bytes] = {}
-        for name in RETRAINED:
+        for name in {*self.cfg.retrain_models, "classifier"}:
             known = self.rollouts.stable(name)
             assert known is not None  # every edge model has its baseline registered
             stable[name] = known[1]
+        # Labels are the classifier's classes (0 = normal), for the autoencoder too.
         classes = list(read_model(stable["classifier"]).metadata_json("fogline")["class_names"])
+        stable = {name: stable[name] for name in self.cfg.retrain_models}
         jobs = []
         for name, current in stable.items():
             features = tuple(read_model(current).metadata_json("fogline")["feature_names"])
@@ -227,7 +237,10 @@ class FogAggregator(Service):
         self._samples_seen = self._sample_count()
         flavour = self.cfg.retrain_flavour
         log.info(
-            "retraining %s on %d regional samples (%s)", ", ".join(RETRAINED), len(rows), trigger
+            "retraining %s on %d regional samples (%s)",
+            ", ".join(self.cfg.retrain_models),
+            len(rows),
+            trigger,
         )
 
         def job() -> None:

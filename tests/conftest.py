@@ -1,5 +1,6 @@
-"""Shared fixtures: a private Mosquitto per test, connected paho-mqtt clients, a private
-PostgreSQL cluster per session and the cloud store on SQLite and on PostgreSQL."""
+"""Shared fixtures: a private Mosquitto per test, connected paho-mqtt clients, the processes
+started one by one against a broker (`hand`), a private PostgreSQL cluster per session and the
+cloud store on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from cloud_sink.store import CloudStore, open_store
-from fogline.broker import Broker
+from fogline.broker import Broker, find_free_port
 from fogline.pgcluster import PostgresCluster, find_pg_bin
+from tests.chaos.conftest import Hand
 
 # Tests in these folders start a real Mosquitto; `-m "not integration"` skips them.
 _BROKER_DIRS = ("integration", "chaos")
@@ -154,3 +156,18 @@ def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> StoreUnderTest:
     if request.param == "sqlite":
         return StoreUnderTest("sqlite", tmp_path / "cloud-c0" / "cloud.db")
     return StoreUnderTest("postgres", request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def hand(tmp_path: Path) -> Iterator[Hand]:
+    """A broker on a fixed free port (so it can be killed and started again on the same port)
+    and a `Hand` to start the processes against it in `tmp_path / "data"`."""
+    data = tmp_path / "data"
+    broker = Broker(data_dir=data / "broker", port=find_free_port())
+    broker.start()
+    h = Hand(broker, data)
+    try:
+        yield h
+    finally:
+        h.close()
+        broker.stop()

@@ -22,7 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from fogline.broker import Broker, find_free_port
+from fogline.broker import Broker
 from fogline.codec import decode
 from fogline.errors import DecodeError
 from fogline.supervisor import pid_alive, read_pid
@@ -451,21 +451,6 @@ class Hand:
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
                 proc.wait()
-
-
-@pytest.fixture
-def hand(tmp_path: Path) -> Iterator[Hand]:
-    """A broker on a fixed free port (so it can be killed and started again on the same port)
-    and a `Hand` to start the processes against it in `tmp_path / "data"`."""
-    data = tmp_path / "data"
-    broker = Broker(data_dir=data / "broker", port=find_free_port())
-    broker.start()
-    h = Hand(broker, data)
-    try:
-        yield h
-    finally:
-        h.close()
-        broker.stop()
 
 
 # --------------------------------------------------------------------------- accounting

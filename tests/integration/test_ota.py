@@ -12,13 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fogline.broker import Broker, find_free_port
 from fogline.cli import main as fogline_main
 from fogline.models.catalog import default_model_path
 from fogline.models.layers import Dense
@@ -34,21 +32,6 @@ from tests.chaos.conftest import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-def hand(tmp_path: Path) -> Iterator[Hand]:
-    """The processes started one by one against our own broker, in `tmp_path / "data"`."""
-    data = tmp_path / "data"
-    broker = Broker(data_dir=data / "broker", port=find_free_port())
-    broker.start()
-    h = Hand(broker, data)
-    try:
-        yield h
-    finally:
-        h.close()
-        broker.stop()
-
 
 EDGES = ["e0", "e1", "e2"]
 DEVICES, DURATION, CANARY = 30, 45, 8.0
