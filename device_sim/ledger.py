@@ -67,6 +67,11 @@ class Ledger:
             )
             self._add_bytes(nbytes)
 
+    def add_bytes(self, nbytes: int) -> None:
+        """Count `nbytes` more published (a statistic: not written ahead like the readings)."""
+        with transaction(self.conn):
+            self._add_bytes(nbytes)
+
     def _add_bytes(self, nbytes: int) -> None:
         self.conn.execute(
             "UPDATE ledger_totals SET value = value + ? WHERE key = 'bytes'", (nbytes,)

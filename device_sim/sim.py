@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 
 from device_sim.ledger import LEDGER_FILE, Ledger
@@ -117,6 +118,17 @@ class SimConfig(ServiceConfig):
         self.fault_mix()
 
 
+@dataclass
+class _Round:
+    """One message per device, sampled and in the ledger, published over the round's period."""
+
+    values: np.ndarray
+    firsts: list[int]
+    t0: float
+    sent: int = 0
+    nbytes: int = 0
+
+
 class DeviceSim(Service):
     """Publishes one telemetry batch per device per period, recording each in the ledger first."""
 
@@ -145,6 +157,8 @@ class DeviceSim(Service):
         self._pending: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
         self._t_start = 0.0
         self._rounds = 0
+        #: The round being published (None between rounds).
+        self._round: _Round | None = None
         self._lag_warned = 0.0
         #: Per device, the key id and key its telemetry is sealed with (empty: sent in clear).
         self.seal_keys: list[tuple[str, bytes]] = []
@@ -213,6 +227,7 @@ class DeviceSim(Service):
             self._t_start = time.monotonic()
         elapsed = time.monotonic() - self._t_start
         if self.cfg.duration and elapsed >= self.cfg.duration:
+            self._publish_upto(len(self.devices))  # a round is never left half published
             self.request_stop()
             return
         due = int(elapsed / self.period) + 1 - self._rounds
@@ -222,49 +237,75 @@ class DeviceSim(Service):
             log.warning(
                 "cannot keep up: %d rounds behind (%.0f readings/s asked)", due, self.asked_rate
             )
+        self._forget_published()
+        if due > 0:
+            # The next round is due: whatever is left of this one goes out now.
+            self._publish_upto(len(self.devices))
         for _ in range(min(due, 2)):
-            self._forget_published()
+            self._publish_upto(len(self.devices))
             if len(self._pending) + len(self.devices) > MAX_UNACKED:
                 # The broker is not keeping up: wait rather than queue without bound (MQTT has
                 # only 65,535 message ids). The rounds not produced show as lag, never as loss.
                 self.counters["backpressure_waits"] += 1
                 break
-            self._round()
+            self._start_round()
+        if self._round is not None:
+            # Devices publish spread evenly over the period, as independent machines would.
+            share = (elapsed - (self._rounds - 1) * self.period) / self.period
+            self._publish_upto(min(len(self.devices), math.ceil(share * len(self.devices))))
         self._forget_published()
+
+    def on_stopping(self) -> None:
+        if self.ledger is not None:
+            self._publish_upto(len(self.devices))
 
     @property
     def asked_rate(self) -> float:
         """Readings per second this process is configured to produce."""
         return self.cfg.devices * self.cfg.rate
 
-    def _round(self) -> None:
-        """Produce one message per device: ledger first (write-ahead), then publish."""
+    def _start_round(self) -> None:
+        """Sample one message per device and write it to the ledger (write-ahead); the messages
+        go out over the round's period (`_publish_upto`)."""
         assert self.ledger is not None
         n = self.cfg.samples_per_message
         t_sim = self.seqs[0] * self.dt_sim
         values = self.fleet.sample(t_sim, self.dt_sim, n)
-        t0 = self.sim_start + t_sim
-        payloads = []
-        for i, device in enumerate(self.devices):
+        self.ledger.record_round(n, nbytes=0)
+        self._round = _Round(values=values, firsts=list(self.seqs), t0=self.sim_start + t_sim)
+        for i in range(len(self.seqs)):
+            self.seqs[i] += n
+        self._rounds += 1
+
+    def _publish_upto(self, upto: int) -> None:
+        """Publish the current round's messages of devices `[sent, upto)`, each stamped with the
+        moment it is published."""
+        r = self._round
+        if r is None or upto <= r.sent:
+            return
+        n = self.cfg.samples_per_message
+        for i in range(r.sent, upto):
             tele = Telemetry(
-                device=device, first=self.seqs[i], t0=t0, dt=self.dt_sim, fields=FIELDS,
-                values=values[i],
+                device=self.devices[i], first=r.firsts[i], t0=r.t0, dt=self.dt_sim,
+                fields=FIELDS, values=r.values[i],
             )  # fmt: skip
             if self.seal_keys:
                 kid, key = self.seal_keys[i]
-                payloads.append(aead.seal_telemetry(
+                payload = aead.seal_telemetry(
                     tele, kid, key, topic=self.tele_topics[i], seq=self._rounds, ts=time.time()
-                ))  # fmt: skip
+                )
             else:
-                payloads.append(encode_telemetry(tele, seq=self._rounds, ts=time.time()))
-        self.ledger.record_round(n, nbytes=sum(len(p) for p in payloads))
-        for i, payload in enumerate(payloads):
+                payload = encode_telemetry(tele, seq=self._rounds, ts=time.time())
             self._pending.append(self.client.publish(self.tele_topics[i], payload, qos=1))
-            self.seqs[i] += n
-        self._rounds += 1
-        self.counters["readings"] += n * len(self.devices)
-        self.counters["messages"] += len(self.devices)
-        self.counters["bytes_out"] += sum(len(p) for p in payloads)
+            r.nbytes += len(payload)
+        self.counters["readings"] += n * (upto - r.sent)
+        self.counters["messages"] += upto - r.sent
+        r.sent = upto
+        if upto == len(self.devices):
+            assert self.ledger is not None
+            self.ledger.add_bytes(r.nbytes)
+            self.counters["bytes_out"] += r.nbytes
+            self._round = None
 
     def _forget_published(self) -> None:
         while self._pending:
