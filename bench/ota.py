@@ -145,17 +145,13 @@ def pipeline(quick: bool) -> dict[str, Any]:
                 raise RuntimeError(f"simulate failed: {proc.stderr[-2000:]}")
             ev = json.loads(proc.stdout)
             late = _late_false_alarms(data, LATE_SHARE)
-            promoted = [
-                r
-                for r in _model_events(data)
-                if r["event"] in ("promoted", "retrained", "not_published")
-            ]
+            steps = [r for r in _model_events(data) if r["event"] not in ("installed", "rejected")]
             runs[label] = {
                 "false_alarms_per_device_hour": ev["false_alarms_per_device_hour"],
                 "late": late,
                 "escalation_rate": ev["escalation_rate"],
                 "unaccounted": ev["custody"]["unaccounted"],
-                "model_events": promoted,
+                "model_events": steps,
             }
             print(f"  {label}: {json.dumps(late)}", flush=True)
     return runs

@@ -124,6 +124,10 @@ class FogConfig(SenderConfig):
     retrain_flavour: str = setting(
         "float32", "Number format of retrained models.", choices=("float32", "float16", "int8")
     )
+    label_confidence: float = setting(
+        0.85, "Confidence of the fog's verdict needed to keep an escalated window as a"
+        " training sample.", minimum=0.0, maximum=1.0,
+    )  # fmt: skip
     retrain_models: list[str] = setting(
         ["classifier"], "Edge models the fog retrains (classifier, anomaly)."
     )
@@ -523,14 +527,16 @@ class FogAggregator(Service):
             reply = EscalationReply(esc.id, classes[k], float(p[k]), self.model.label)
             payload = encode_escalation_reply(self.cfg.id, reply, seq=self.next_seq(), ts=now)
             self.publish(self.topics.esc_reply(edge), payload, qos=1)
-            # The fog's verdict labels the window for regional retraining.
-            verdicts.append(
-                (
-                    edge, esc.device, esc.first, esc.last, classes[k],
-                    np.ascontiguousarray(esc.features, dtype="<f4").tobytes(), now,
-                    json.dumps(list(esc.fields)),
-                )
-            )  # fmt: skip
+            # A verdict the fog is sure of labels the window for regional retraining (an unsure
+            # one would teach the edge's model to be sure of a guess).
+            if p[k] >= self.cfg.label_confidence:
+                verdicts.append(
+                    (
+                        edge, esc.device, esc.first, esc.last, classes[k],
+                        np.ascontiguousarray(esc.features, dtype="<f4").tobytes(), now,
+                        json.dumps(list(esc.fields)),
+                    )
+                )  # fmt: skip
             if self.rollouts is not None:
                 self.rollouts.observe(edge, escalations=1)
         with transaction(self.db):
