@@ -319,7 +319,12 @@ def render(res: dict[str, Any], command: str) -> str:
     pipe = res["pipeline"]
     for label, r in pipe.items():
         steps = (
-            "; ".join(f"{e['name']} v{e['version']} {e['event']}" for e in r["model_events"]) or "-"
+            "; ".join(
+                f"{e['name']} v{e['version']} {e['event']}"
+                + (f" ({(e['detail'] or '').split(';')[0]})" if e["event"] == "rolled_back" else "")
+                for e in r["model_events"]
+            )
+            or "-"
         )
         lines.append(
             f"| {label} | {r['late']['late']:.4f} ({r['late']['late_alarms']}) | "
