@@ -489,4 +489,8 @@ def main(
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    return process.run()
+    try:
+        return process.run()
+    except ConfigError as exc:  # found while starting (a key file, a model, a store)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

@@ -239,3 +239,13 @@ def test_an_altered_model_file_is_not_booted(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     assert Edge(tmp_path).installer.current() == {}
     assert os.path.exists(path)
+
+
+def test_an_edge_with_a_missing_root_key_refuses_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent.__main__ import main
+
+    missing = tmp_path / "signing.pub"
+    assert main(["--ota-root-key", str(missing), "--data-dir", str(tmp_path)]) == 2
+    assert "ota_root_key" in capsys.readouterr().err
