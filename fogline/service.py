@@ -101,6 +101,7 @@ class Service:
         self._stop = threading.Event()
         self._abort = threading.Event()
         self._watchdog: threading.Timer | None = None
+        self._signal_mask: set[int | signal.Signals] | None = None
         self._net_stop = threading.Event()
         self._queue: queue.SimpleQueue[Inbound | Callable[[], None]] = queue.SimpleQueue()
         self._seq = 0
@@ -330,21 +331,27 @@ class Service:
     def _install_signals(self) -> None:
         """SIGTERM/SIGINT reach `request_stop` through a thread of their own.
 
-        The C-level handler writes the signal number to a pipe that a watcher thread reads, so a
-        stop is noticed even while the worker thread sits in native code (an interpreter, SQLite).
+        The worker thread blocks them, so it is never interrupted by one (a signal landing
+        while it waits in `SimpleQueue.get(timeout=...)` could leave it waiting far past the
+        timeout). Whichever thread the kernel delivers a signal to, Python's C-level handler
+        writes its number to a pipe (`set_wakeup_fd`) that a watcher thread reads; the watcher
+        unblocks them for itself, so there is always a thread that can take them.
         """
         if threading.current_thread() is not threading.main_thread():
             return
+        wanted = {signal.SIGTERM, signal.SIGINT}
         r, w = os.pipe()
         os.set_blocking(w, False)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in wanted:
             signal.signal(sig, lambda *_: None)  # acted on by the watcher below
-        wanted = {int(signal.SIGTERM), int(signal.SIGINT)}
+        self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+        numbers = {int(s) for s in wanted}
 
         def watch() -> None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
             while data := os.read(r, 64):
-                for _ in range(sum(1 for b in data if b in wanted)):
+                for _ in range(sum(1 for b in data if b in numbers)):
                     self.request_stop()
 
         threading.Thread(target=watch, name=f"{self.role}-signals", daemon=True).start()
@@ -448,6 +455,8 @@ class Service:
                 self.exporter.stop()
             if self._watchdog is not None:
                 self._watchdog.cancel()
+            if self._signal_mask is not None:  # as it was before `run` (in-process callers)
+                signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
         log.info("%s %s stopped", self.role, self.ident)
         return 0
 
