@@ -102,6 +102,7 @@ class Service:
         self._abort = threading.Event()
         self._watchdog: threading.Timer | None = None
         self._signal_mask: set[int | signal.Signals] | None = None
+        self._restore_signals: Callable[[], None] = lambda: None
         self._net_stop = threading.Event()
         self._queue: queue.SimpleQueue[Inbound | Callable[[], None]] = queue.SimpleQueue()
         self._seq = 0
@@ -342,10 +343,19 @@ class Service:
         wanted = {signal.SIGTERM, signal.SIGINT}
         r, w = os.pipe()
         os.set_blocking(w, False)
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        for sig in wanted:
-            signal.signal(sig, lambda *_: None)  # acted on by the watcher below
+        old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        old_handlers = {sig: signal.signal(sig, lambda *_: None) for sig in wanted}
         self._signal_mask = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+
+        def restore() -> None:  # as it was before `run` (in-process callers, children)
+            assert self._signal_mask is not None
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(old_fd)
+            os.close(w)  # ends the watcher
+
+        self._restore_signals = restore
         numbers = {int(s) for s in wanted}
 
         def watch() -> None:
@@ -353,6 +363,7 @@ class Service:
             while data := os.read(r, 64):
                 for _ in range(sum(1 for b in data if b in numbers)):
                     self.request_stop()
+            os.close(r)
 
         threading.Thread(target=watch, name=f"{self.role}-signals", daemon=True).start()
 
@@ -407,6 +418,12 @@ class Service:
     def run(self) -> int:
         """Run until stopped; returns the process exit status."""
         self._install_signals()
+        try:
+            return self._run()
+        finally:
+            self._restore_signals()
+
+    def _run(self) -> int:
         self.on_start()
         self._start_exporter()
         net = threading.Thread(target=self._network_loop, name=f"{self.role}-mqtt", daemon=True)
@@ -455,8 +472,6 @@ class Service:
                 self.exporter.stop()
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            if self._signal_mask is not None:  # as it was before `run` (in-process callers)
-                signal.pthread_sigmask(signal.SIG_SETMASK, self._signal_mask)
         log.info("%s %s stopped", self.role, self.ident)
         return 0
 
