@@ -27,6 +27,7 @@ import paho.mqtt.client as mqtt
 
 from bench.common import heading
 from cloud_sink.sink import worker_of
+from device_sim.physics import FIELDS as PHYSICS_FIELDS
 from fogline.broker import Broker
 from fogline.codec import Ack, Batch, Record, decode, encode_batch
 from fogline.pgcluster import PostgresCluster
@@ -46,15 +47,7 @@ CONFIGS = (
     ("postgres", 2, "shared"),
     ("postgres", 2, "by-fog"),
 )
-FIELDS = [
-    "vib_rms",
-    "vib_peak",
-    "vib_kurtosis",
-    "temp_bearing",
-    "temp_motor",
-    "current",
-    "pressure",
-]
+FIELDS = list(PHYSICS_FIELDS)
 
 
 def _summary(stream: str, i: int) -> dict[str, Any]:
