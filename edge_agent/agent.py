@@ -340,16 +340,14 @@ class EdgeAgent(Service):
         except DecodeError as exc:
             self.reject(exc.reason, m.topic, m.payload, exc.detail)
             return []
-        env = dataclasses.replace(env, body=tele)
-        if env.body.device != device:
-            self.reject("forged_device", m.topic, m.payload, f"payload says {env.body.device!r}")
+        if tele.device != device:
+            self.reject("forged_device", m.topic, m.payload, f"payload says {tele.device!r}")
             return []
-        self.counters["readings_in"] += env.body.count
-        if self.core.is_replay(env.body):
-            tele = env.body
+        self.counters["readings_in"] += tele.count
+        if self.core.is_replay(tele):
             detail = f"readings {tele.first}..{tele.last} were already taken"
             self.reject("replay", m.topic, m.payload, detail)
-        records = self.core.ingest(env.body, now, env.ts)
+        records = self.core.ingest(tele, now, env.ts)
         if any(kind == "drop" and body["reason"] == "non_finite" for kind, body in records):
             # Accounted for by the drop record; also dead-lettered so the device can be fixed.
             self.reject("non_finite", m.topic, m.payload, "NaN or infinite sample values")
@@ -379,7 +377,7 @@ class EdgeAgent(Service):
             self.db.executemany(
                 "INSERT INTO devices(device, expected) VALUES (?, ?)"
                 " ON CONFLICT(device) DO UPDATE SET expected = excluded.expected",
-                list(self.core.committed().items()),
+                list(self.core.moved_restart_points().items()),
             )
         for kind, _ in records:
             self.counters[f"records.{kind}"] += 1

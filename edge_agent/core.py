@@ -31,6 +31,11 @@ class Rules:
     summary_interval: float = 5.0
 
 
+#: Readings blocks a summary keeps before folding them into its totals (one reduction per
+#: this many messages instead of one per message).
+FOLD_BLOCKS = 32
+
+
 @dataclass(slots=True)
 class _Summary:
     first: int
@@ -38,24 +43,34 @@ class _Summary:
     t0: float
     count: int = 0
     t1: float = 0.0
-    total: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    total_sq: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    low: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    high: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    total: np.ndarray | None = None
+    total_sq: np.ndarray | None = None
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
     events: int = 0
+    blocks: list[np.ndarray] = field(default_factory=list)
 
     def add(self, values: np.ndarray, t1: float) -> None:
-        v = values.astype(np.float64)
-        if self.count == 0:
-            self.total, self.total_sq = v.sum(0), (v * v).sum(0)
-            self.low, self.high = v.min(0), v.max(0)
-        else:
-            self.total += v.sum(0)
-            self.total_sq += (v * v).sum(0)
-            self.low = np.minimum(self.low, v.min(0))
-            self.high = np.maximum(self.high, v.max(0))
-        self.count += len(v)
+        self.blocks.append(values)
+        self.count += len(values)
         self.t1 = t1
+        if len(self.blocks) >= FOLD_BLOCKS:
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the blocks taken since the last fold into the totals."""
+        if not self.blocks:
+            return
+        v = np.concatenate(self.blocks).astype(np.float64)
+        self.blocks = []
+        total, total_sq, low, high = v.sum(0), (v * v).sum(0), v.min(0), v.max(0)
+        if self.total is None or self.total_sq is None or self.low is None or self.high is None:
+            self.total, self.total_sq, self.low, self.high = total, total_sq, low, high
+        else:
+            self.total += total
+            self.total_sq += total_sq
+            self.low = np.minimum(self.low, low)
+            self.high = np.maximum(self.high, high)
 
 
 @dataclass(slots=True)
@@ -94,6 +109,8 @@ class EdgeCore:
             d: DeviceState(expected=e) for d, e in (expected or {}).items()
         }
         self.stats = {"readings": 0, "duplicates": 0, "gaps": 0, "events": 0, "non_finite": 0}
+        self._written: dict[str, int] = dict(expected or {})  # restart points on disk
+        self._touched: set[str] = set()  # devices whose restart point may have moved since
 
     # ---------------------------------------------------------------- ingest
 
@@ -113,6 +130,7 @@ class EdgeCore:
             # Devices number their readings from 0: an edge that first hears of a device at
             # reading N reports readings 0..N-1 as a gap rather than ignoring them.
             state = self.devices[tele.device] = DeviceState(expected=0)
+        self._touched.add(tele.device)
         out: list[Record] = []
         values, first, t0 = tele.values, tele.first, tele.t0
         if tele.last < state.expected:
@@ -245,11 +263,15 @@ class EdgeCore:
 
     def _break(self, device: str, state: DeviceState, now: float) -> list[Record]:
         """Close the device's open summary (at a discontinuity or when due)."""
+        self._touched.add(device)
         s = state.summary
         if s is None or s.count == 0:
             state.summary = None
             return []
         state.summary = None
+        s.fold()
+        assert s.total is not None and s.total_sq is not None
+        assert s.low is not None and s.high is not None
         mean = s.total / s.count
         var = np.maximum(s.total_sq / s.count - mean * mean, 0.0)
         body = {
@@ -282,8 +304,20 @@ class EdgeCore:
 
     def committed(self) -> dict[str, int]:
         """Per device, the first reading not in a closed summary or drop (the restart point)."""
+        return {device: _restart_point(state) for device, state in self.devices.items()}
+
+    def moved_restart_points(self) -> dict[str, int]:
+        """The restart points that moved since the last call (to be written with the records)."""
         out = {}
-        for device, state in self.devices.items():
-            s = state.summary
-            out[device] = s.first if s is not None and s.count else state.expected
+        for device in self._touched:
+            point = _restart_point(self.devices[device])
+            if self._written.get(device) != point:
+                out[device] = point
+        self._touched.clear()
+        self._written |= out
         return out
+
+
+def _restart_point(state: DeviceState) -> int:
+    s = state.summary
+    return s.first if s is not None and s.count else state.expected

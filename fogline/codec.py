@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,9 +288,11 @@ def decode_record_body(data: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- decoding
 
 
-def _expect(cond: bool, reason: str, detail: str) -> None:
+def _expect(cond: bool, reason: str, detail: str | Callable[[], str]) -> None:
+    """Raise DecodeError(reason, detail) unless `cond`; a costly detail is passed as a function
+    (formatted only when the check fails: these checks run for every message)."""
     if not cond:
-        raise DecodeError(reason, detail)
+        raise DecodeError(reason, detail if isinstance(detail, str) else detail())
 
 
 INT64_MAX = 2**63 - 1
@@ -322,7 +325,7 @@ def _is_id(x: Any) -> bool:
 def decode(payload: bytes, *, expect: str | None = None) -> Envelope:
     """Decode and validate one message; the body is typed by kind. Raises only DecodeError."""
     _expect(isinstance(payload, bytes | bytearray), "wrong_type", "payload is not bytes")
-    _expect(len(payload) <= MAX_MESSAGE_BYTES, "too_large", f"{len(payload)} bytes")
+    _expect(len(payload) <= MAX_MESSAGE_BYTES, "too_large", lambda: f"{len(payload)} bytes")
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except msgpack.ExtraData as exc:
@@ -336,13 +339,19 @@ def decode(payload: bytes, *, expect: str | None = None) -> Envelope:
     except Exception as exc:
         raise DecodeError("malformed", f"msgpack: {type(exc).__name__}: {exc}") from exc
     _expect(isinstance(obj, dict), "wrong_type", "envelope is not a map")
-    _expect(set(obj) == _ENVELOPE_KEYS, "wrong_type", f"envelope keys {sorted(map(repr, obj))}")
-    _expect(obj["v"] == VERSION and _is_int(obj["v"]), "bad_version", f"version {obj['v']!r}")
+    _expect(
+        obj.keys() == _ENVELOPE_KEYS,
+        "wrong_type",
+        lambda: f"envelope keys {sorted(map(repr, obj))}",
+    )
+    _expect(
+        obj["v"] == VERSION and _is_int(obj["v"]), "bad_version", lambda: f"version {obj['v']!r}"
+    )
     kind = obj["kind"]
-    _expect(kind in KINDS, "unknown_kind", f"kind {kind!r}")
+    _expect(kind in KINDS, "unknown_kind", lambda: f"kind {kind!r}")
     if expect is not None:
-        _expect(kind == expect, "unexpected_kind", f"expected {expect!r}, got {kind!r}")
-    _expect(_is_id(obj["src"]), "wrong_type", f"src {obj['src']!r}")
+        _expect(kind == expect, "unexpected_kind", lambda: f"expected {expect!r}, got {kind!r}")
+    _expect(_is_id(obj["src"]), "wrong_type", lambda: f"src {obj['src']!r}")
     _expect(_is_int(obj["seq"]) and obj["seq"] >= 0, "wrong_type", "seq is not a natural number")
     _expect(_is_num(obj["ts"]), "wrong_type", "ts is not a finite number")
     body = _BODY_DECODERS[kind](obj["body"], obj["src"])
@@ -350,12 +359,13 @@ def decode(payload: bytes, *, expect: str | None = None) -> Envelope:
 
 
 _SEALED_KEYS = frozenset(("kid", "nonce", "ct"))
+_TELEMETRY_KEYS = frozenset(("device", "first", "t0", "dt", "fields", "n", "data"))
 NONCE_BYTES = 12
 
 
 def _tele_or_sealed(body: Any, src: str) -> Telemetry | Sealed:
     """A clear telemetry body, or the outer structure of a sealed one (opened by the edge)."""
-    if not (isinstance(body, dict) and set(body) == _SEALED_KEYS):
+    if not (isinstance(body, dict) and body.keys() == _SEALED_KEYS):
         return _telemetry(body, src)
     _expect(_is_id(body["kid"]), "wrong_type", "kid is not an id")
     nonce, ct = body["nonce"], body["ct"]
@@ -367,8 +377,11 @@ def _tele_or_sealed(body: Any, src: str) -> Telemetry | Sealed:
 
 def _telemetry(body: Any, src: str) -> Telemetry:
     _expect(isinstance(body, dict), "wrong_type", "telemetry body is not a map")
-    keys = {"device", "first", "t0", "dt", "fields", "n", "data"}
-    _expect(set(body) == keys, "wrong_type", f"telemetry keys {sorted(map(repr, body))}")
+    _expect(
+        body.keys() == _TELEMETRY_KEYS,
+        "wrong_type",
+        lambda: f"telemetry keys {sorted(map(repr, body))}",
+    )
     _expect(_is_id(body["device"]), "wrong_type", "device is not an id")
     _expect(body["device"] == src, "device_mismatch", "body device differs from envelope src")
     _expect(_is_int(body["first"]) and body["first"] >= 0, "wrong_type", "first")
@@ -381,7 +394,9 @@ def _telemetry(body: Any, src: str) -> Telemetry:
     _expect(_is_int(n) and 0 < n <= MAX_SAMPLES, "too_large" if _is_int(n) else "wrong_type", "n")
     data = body["data"]
     _expect(isinstance(data, bytes), "wrong_type", "data is not bytes")
-    _expect(len(data) == n * len(fields) * 4, "bad_length", f"{len(data)} data bytes for n={n}")
+    _expect(
+        len(data) == n * len(fields) * 4, "bad_length", lambda: f"{len(data)} data bytes for n={n}"
+    )
     values = np.frombuffer(data, dtype="<f4").reshape(n, len(fields))
     return Telemetry(
         device=body["device"],

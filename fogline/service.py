@@ -30,6 +30,7 @@ from fogline.codec import encode_plain
 from fogline.config import ServiceConfig, check_startup, parse
 from fogline.errors import ConfigError, FoglineError
 from fogline.logs import setup_logging
+from fogline.mqttclient import Client
 from fogline.security import apply_client_security
 from fogline.topics import Topics
 
@@ -245,8 +246,8 @@ class Service:
             body |= self.status_extra()
         return encode_plain("status", self.ident, body, seq=0, ts=time.time())
 
-    def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
+    def _make_client(self) -> Client:
+        client = Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=not self.persistent_session,
@@ -393,9 +394,7 @@ class Service:
             if self.exporter is not None:
                 self.exporter.observe_stage("handle", time.perf_counter() - started)
                 self.exporter.observe_inbound(len(taken))
-        for m in taken:
-            if m.qos > 0:
-                self.client.ack(m.mid, m.qos)
+        self.client.ack_many(m.mid for m in taken if m.qos == 1)
 
     def _publish_metrics(self) -> None:
         uptime, counters, gauges = time.time() - self.started, dict(self.counters), self.metrics()
