@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from bench.blast import blast
 from bench.common import heading
 from fogline.broker import Broker, find_free_port
 from fogline.codec import Telemetry, decode, encode_telemetry
@@ -199,23 +200,32 @@ class _EdgeWatch:
         self.client.disconnect()
 
 
-def _publish_distinct(port: int, qos: int, device: str, n: int) -> float:
-    """Publish `n` telemetry messages of one device, readings numbered on (paho, in-process)."""
-    payloads = [_payload(device, i * SAMPLES)[0] for i in range(n)]
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-peer-{device}")
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
+def _distinct(device: str, n: int) -> list[tuple[str, bytes]]:
+    """`n` telemetry messages of one device, readings numbered on (a replay would be refused)."""
     topic = f"fl/v1/dev/e0/{device}/tele"
-    t0 = time.perf_counter()
-    infos = [client.publish(topic, p, qos=qos) for p in payloads]
-    for info in infos[-1000:]:
-        info.wait_for_publish(timeout=120)
-    done = time.perf_counter() - t0
-    client.loop_stop()
-    client.disconnect()
-    return done
+    return [(topic, _payload(device, i * SAMPLES)[0]) for i in range(n)]
+
+
+def _floor_runs(stack: ExitStack, port: int, qos: int, n: int, repeats: int,
+                fogline: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """A bare paho subscriber in its own process (`bench.pahofloor`), fed like the edge."""
+    runs = []
+    for r in range(repeats):
+        msgs = _distinct(f"floor{r}", n)
+        args = [sys.executable, "-m", "bench.pahofloor", str(port), str(qos), str(n)]
+        proc = _spawn(stack, args + (["--fogline"] if fogline else []),
+                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the paho subscriber did not start")
+        t0 = time.monotonic()
+        pub_s = blast(port, msgs, qos, client_id=f"bench-floor-pub-q{qos}")
+        got_s, last_s = proc.stdout.readline().split()
+        proc.wait(timeout=30)
+        got, secs = int(got_s), float(last_s) - t0
+        runs.append({"received": got, "seconds": secs, "publisher_s": pub_s,
+                     "msgs_per_s": got / secs})  # fmt: skip
+    return runs
 
 
 def _edge_runs(stack: ExitStack, port: int, qos: int, n: int, repeats: int,
@@ -233,9 +243,10 @@ def _edge_runs(stack: ExitStack, port: int, qos: int, n: int, repeats: int,
             raise RuntimeError("the edge agent published no metrics within 60 s")
         runs = []
         for r in range(repeats):
+            msgs = _distinct(f"q{qos}r{r}", n)
             base = watch.readings_in
             t0 = time.perf_counter()
-            pub_s = _publish_distinct(port, qos, f"q{qos}r{r}", n)
+            pub_s = blast(port, msgs, qos, client_id=f"bench-peer-pub-q{qos}")
             t1 = watch.wait_for(base + n * SAMPLES, 120)
             took = watch.readings_in - base
             if t1 is None:  # QoS 0 may lose messages: wait for the counter to settle
@@ -285,17 +296,21 @@ def run(quick: bool) -> dict[str, Any]:
                 raw.append({"received": got, "seconds": secs, "msgs_per_s": got / secs})
             nr = _node_red_runs(stack, red, broker.port, qos, path, n, repeats, tmp)
             edge = _edge_runs(stack, broker.port, qos, n, repeats, tmp)
+            floor = _floor_runs(stack, broker.port, qos, n, repeats, fogline=False)
+            floor_fl = _floor_runs(stack, broker.port, qos, n, repeats, fogline=True)
             q: dict[str, Any] = {
                 "raw": _median(raw),
                 "node_red": _median(nr),
                 "edge": _median(edge),
+                "paho": _median(floor),
+                "paho_fogline": _median(floor_fl),
             }
             q["edge_publisher_s"] = [round(r["publisher_s"], 2) for r in edge]
             res["qos"][str(qos)] = q
             parts = [
                 f"{k} {q[k]['msgs_per_s']:,.0f} msg/s (runs {q[k]['runs']}, "
                 f"received {q[k]['received']} of {n})"
-                for k in ("raw", "node_red", "edge")
+                for k in ("raw", "node_red", "edge", "paho", "paho_fogline")
             ]
             print(f"  QoS {qos}: " + ", ".join(parts), flush=True)
     print(_table(res), flush=True)
@@ -305,14 +320,18 @@ def run(quick: bool) -> dict[str, Any]:
 def _table(res: dict[str, Any]) -> str:
     lines = [
         "| QoS | raw broker msg/s | Node-RED forwarded msg/s | fogline edge ingested msg/s | "
-        "edge readings/s | edge / Node-RED | Node-RED / raw | edge / raw |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "edge readings/s | edge / Node-RED | Node-RED / raw | edge / raw | "
+        "bare paho subscriber msg/s | same on fogline's client | edge / bare paho |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for qos, q in res["qos"].items():
-        raw, nr, edge = (q[k]["msgs_per_s"] for k in ("raw", "node_red", "edge"))
+        raw, nr, edge, paho, paho_fl = (
+            q[k]["msgs_per_s"] for k in ("raw", "node_red", "edge", "paho", "paho_fogline")
+        )
         lines.append(
             f"| {qos} | {raw:,.0f} | {nr:,.0f} | {edge:,.0f} | {edge * res['samples']:,.0f} | "
-            f"{edge / nr:.2f} | {nr / raw:.0%} | {edge / raw:.0%} |"
+            f"{edge / nr:.2f} | {nr / raw:.0%} | {edge / raw:.0%} | {paho:,.0f} | "
+            f"{paho_fl:,.0f} | {edge / paho:.2f} |"
         )
     return "\n".join(lines)
 
@@ -344,15 +363,24 @@ def render(res: dict[str, Any], command: str) -> str:
         "message: it decodes and validates each message, windows the readings, decides per "
         "window and sends summaries and events upstream. It gets the same number of messages of "
         "the same shape, but with readings numbered on (identical payloads would be rejected as "
-        "replays after the first), published in-process with paho (QoS as in the row) rather "
-        "than by `mosquitto_pub`; publisher seconds per burst: "
+        "replays after the first), encoded before the clock starts and written by "
+        "`bench/blast.py` (MQTT packets prepared up front, large socket writes: a publisher "
+        "that is not the bottleneck, as `mosquitto_pub` is for the others); publisher seconds "
+        "per burst: "
         + "; ".join(f"QoS {k} {v['edge_publisher_s']}" for k, v in res["qos"].items())
         + ".",
+        "",
+        "- bare paho subscriber: `python -m bench.pahofloor` in its own process, one "
+        "callback per message that only counts it (and sends its PUBACK at QoS 1), fed like "
+        "the edge: what any Python receiver built on paho-mqtt can reach here, before doing "
+        "anything with a message. 'fogline's client' is the same on `fogline.mqttclient` "
+        "(socket read in blocks, PUBACKs in batches), the client the edge runs on.",
         "",
         "Messages received (of N) per run: "
         + "; ".join(
             f"QoS {k}: raw {v['raw']['received']}, Node-RED {v['node_red']['received']}, "
-            f"edge {v['edge']['received']}"
+            f"edge {v['edge']['received']}, paho {v['paho']['received']}, "
+            f"fogline's client {v['paho_fogline']['received']}"
             for k, v in res["qos"].items()
         )
         + ". At QoS 0 a loss ends the count after 5 s without messages.",
