@@ -8,6 +8,7 @@ in a `drop` record with its range and reason, so coverage can be proved downstre
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,7 @@ class DeviceState:
     mean: np.ndarray | None = None
     var: np.ndarray | None = None
     windows_seen: int = 0
+    summaries: int = 0  # opened since the edge started
 
 
 class EdgeCore:
@@ -153,13 +155,18 @@ class EdgeCore:
             return out
         self.stats["readings"] += len(values)
         t_last = tele.t0 + tele.dt * (tele.count - 1)
-        if state.summary is None:
+        if state.summary is None or state.summary.fields != tele.fields:
+            if state.summary is not None:
+                out += self._discontinuity(tele.device, state, now)
             state.summary = _Summary(first=first, fields=tele.fields, t0=t0)
-            state.summary_due = now + self.rules.summary_interval
-        elif state.summary.fields != tele.fields:
-            out += self._discontinuity(tele.device, state, now)
-            state.summary = _Summary(first=first, fields=tele.fields, t0=t0)
-            state.summary_due = now + self.rules.summary_interval
+            interval = self.rules.summary_interval
+            if not state.summaries:
+                # A device's first summary here lasts between half and all of the interval
+                # (by its id): devices that start together then close their summaries spread
+                # over the interval, not all in one tick that holds up every decision behind it.
+                interval *= 0.5 + 0.5 * zlib.crc32(tele.device.encode()) / 2**32
+            state.summaries += 1
+            state.summary_due = now + interval
         state.summary.add(values, t_last)
         sent = now if published is None else published
         out += self._windows(tele.device, state, values, first, t_last, tele.fields, sent, now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import zlib
 from collections import defaultdict
 from typing import Any
 
@@ -98,22 +99,47 @@ def test_contiguous_telemetry_is_tiled_by_summaries_with_exact_statistics() -> N
     assert core.stats["readings"] == n * len(devices)
 
 
+def _first_interval(device: str, interval: float) -> float:
+    return interval * (0.5 + 0.5 * zlib.crc32(device.encode()) / 2**32)
+
+
 def test_a_summary_closes_when_its_interval_elapses() -> None:
     rng = np.random.default_rng(2)
     core = EdgeCore("e0", Rules(summary_interval=5.0))
+    due = 100.0 + _first_interval("d", 5.0)  # the device's first summary: see the next test
     assert core.ingest(_tele("d", 0, _noise(rng, 10)), now=100.0) == []
-    assert core.ingest(_tele("d", 10, _noise(rng, 10)), now=102.0) == []
-    assert core.due_summaries(104.9) == []
+    assert core.ingest(_tele("d", 10, _noise(rng, 10)), now=100.1) == []
+    assert core.due_summaries(due - 0.01) == []
 
-    closed = core.due_summaries(105.0)
+    closed = core.due_summaries(due)
     assert [(b["first"], b["last"], b["count"]) for b in _of(closed, "summary")] == [(0, 19, 20)]
     assert core.due_summaries(200.0) == [], "nothing is open any more"
 
     # The next summary's interval starts with its first reading, not with the previous summary.
-    assert core.ingest(_tele("d", 20, _noise(rng, 5)), now=106.0) == []
-    assert core.due_summaries(110.9) == []
-    closed = core.due_summaries(111.0)
+    assert core.ingest(_tele("d", 20, _noise(rng, 5)), now=206.0) == []
+    assert core.due_summaries(210.9) == []
+    closed = core.due_summaries(211.0)
     assert [(b["first"], b["last"]) for b in _of(closed, "summary")] == [(20, 24)]
+
+
+def test_devices_that_start_together_close_their_summaries_spread_over_the_interval() -> None:
+    """200 devices sending in step every 0.5 s, summaries checked every 0.1 s for 15 s."""
+    rng = np.random.default_rng(3)
+    core = EdgeCore("e0", Rules(summary_interval=5.0))
+    devices = [f"d{i:03d}" for i in range(200)]
+    closed_per_tick = []
+    for tick in range(150):
+        now = 0.1 * tick
+        if tick % 5 == 0:
+            for d in devices:
+                core.ingest(_tele(d, tick, _noise(rng, 5)), now=now)
+        closed_per_tick.append(len(core.due_summaries(now)))
+    assert sum(closed_per_tick[:25]) == 0, "none before half the interval"
+    assert sum(closed_per_tick) >= 400  # every device closed at least two summaries
+    # Never all of them at once, and the spread stays. A summary reopens with its device's next
+    # message (every 0.5 s), so closes gather in groups of 5 ticks' worth: 200 / (25 / 5) = 40
+    # per tick on average, against all 200 in one tick without the spread.
+    assert max(closed_per_tick) <= len(devices) // 4, closed_per_tick
 
 
 # --------------------------------------------------------------------------- sequencing
