@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import sqlite_utils
 
 from bench.common import heading
 from cloud_sink.sink import worker_of
+from cloud_sink.store import MIGRATIONS, Store, record_rows
 from device_sim.physics import FIELDS as PHYSICS_FIELDS
 from fogline.broker import Broker
 from fogline.codec import Ack, Batch, Record, decode, encode_batch
+from fogline.db import connect, migrate, transaction
 from fogline.pgcluster import PostgresCluster
 from fogline.progress import bar
 from fogline.topics import Topics
@@ -176,6 +179,47 @@ def _rows(store: str, where: str | Path) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+def sqlite_baselines(load: dict[str, list[tuple[int, bytes]]]) -> dict[str, float]:
+    """Rows/s into the sink's own summaries table (same schema, WAL, `synchronous=FULL`) of the
+    same records, without the sink: raw `executemany` and sqlite-utils `insert_all`, 1,000 rows
+    per transaction, the rows made before the clock starts; and the sink's store layer alone
+    (`Store.apply` on the decoded batch messages: validation, custody inbox, insert), no MQTT."""
+    now = time.time()
+    batches = [(s, decode(p, expect="batch").body) for s, msgs in load.items() for _, p in msgs]
+    rows = [
+        record_rows(stream, rec, now)[1][0][1] for stream, batch in batches for rec in batch.records
+    ]
+    cols = list(rows[0])
+    tuples = [tuple(r[c] for c in cols) for r in rows]
+    sql = f"INSERT INTO summaries ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = connect(Path(tmp) / "raw.db")
+        migrate(conn, "cloud", MIGRATIONS)
+        t0 = time.perf_counter()
+        for i in range(0, len(tuples), 1000):
+            with transaction(conn):
+                conn.executemany(sql, tuples[i : i + 1000])
+        out["executemany"] = len(tuples) / (time.perf_counter() - t0)
+        conn.close()
+        conn = connect(Path(tmp) / "utils.db")
+        migrate(conn, "cloud", MIGRATIONS)
+        table = sqlite_utils.Database(conn).table("summaries")
+        t0 = time.perf_counter()
+        for i in range(0, len(rows), 1000):
+            with transaction(conn):
+                table.insert_all(rows[i : i + 1000], batch_size=1000)
+        out["sqlite_utils"] = len(rows) / (time.perf_counter() - t0)
+        conn.close()
+        store = Store(Path(tmp) / "store.db")
+        t0 = time.perf_counter()
+        for stream, payload in ((s, p) for s, msgs in load.items() for _, p in msgs):
+            store.apply([(stream, decode(payload, expect="batch").body)])
+        out["store_apply"] = len(rows) / (time.perf_counter() - t0)
+        store.close()
+    return out
+
+
 def one_run(
     store: str, workers: int, split: str, load: dict[str, list[tuple[int, bytes]]],
     pg: PostgresCluster | None, run: int,
@@ -237,8 +281,15 @@ def run(quick: bool) -> dict[str, Any]:
     assert {worker_of(s, 2) for s in STREAMS} == {0, 1}
     runs: list[dict[str, Any]] = []
     total = rounds * len(CONFIGS)
+    baselines: list[dict[str, float]] = []
     with PostgresCluster(durable=True) as pg:
         for r in range(rounds):
+            baselines.append(sqlite_baselines(load))
+            print(
+                "  SQLite without the sink: "
+                + ", ".join(f"{k} {v:,.0f} rows/s" for k, v in baselines[-1].items()),
+                flush=True,
+            )
             order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
             for store, workers, split in order:
                 res = one_run(store, workers, split, load, pg, len(runs))
@@ -263,9 +314,11 @@ def run(quick: bool) -> dict[str, Any]:
             "shares": mine[-1]["shares"],
             "sink_cpu_s_per_100k": statistics.median(r["sink_cpu_s_per_100k"] for r in mine),
         })  # fmt: skip
+    sqlite = {k: statistics.median(b[k] for b in baselines) for k in baselines[0]}
     return {
         "runs": runs, "median": median, "records": records * len(STREAMS), "rounds": rounds,
-        "postgres": version,
+        "postgres": version, "sqlite": sqlite,
+        "sqlite_all": {k: [round(b[k]) for b in baselines] for k in baselines[0]},
     }  # fmt: skip
 
 
@@ -293,7 +346,32 @@ def render(res: dict[str, Any], command: str) -> str:
             f"{' / '.join(f'{s:.0%}' for s in m['shares'])} | {m['sink_cpu_s_per_100k']:.1f} | "
             f"{', '.join(f'{x:,}' for x in m['all'])} |"
         )
+    sink = by[("sqlite", 1, "shared")]["rows_per_s"]
+    raw = res["sqlite"]["executemany"]
     lines += [
+        "",
+        "SQLite without the sink, the same records into the same table (schema, WAL, "
+        "`synchronous=FULL`), 1,000 rows per transaction, rows made before the clock starts:",
+        "",
+        "| writer | rows/s (median) | one sink worker / it | all rounds, rows/s |",
+        "|---|---:|---:|---:|",
+    ]
+    names = {
+        "executemany": "raw `executemany` (baseline)",
+        "sqlite_utils": "sqlite-utils `insert_all`",
+        "store_apply": "the sink's store layer alone (`Store.apply`: decode, validate, inbox, "
+        "insert; 500-record batches)",
+    }
+    for key, label in names.items():
+        v = res["sqlite"][key]
+        lines.append(
+            f"| {label} | {v:,.0f} | {sink / v:.2f} | "
+            f"{', '.join(f'{x:,}' for x in res['sqlite_all'][key])} |"
+        )
+    lines += [
+        "",
+        f"One sink worker on SQLite stores {sink / raw:.0%} of raw `executemany`'s rows/s "
+        "(goal: at least 60%).",
         "",
         f"Each run: {res['records']:,} summary records from {len(STREAMS)} fog streams "
         f"({BATCH} records per batch message) pushed at once through a private Mosquitto into a "

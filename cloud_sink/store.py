@@ -129,17 +129,19 @@ def _range(body: dict[str, Any]) -> tuple[int, int, int]:
     return first, last, count
 
 
-def _plain_list(key: str, v: Any) -> list[Any]:
-    """A list of strings or finite numbers (what summaries carry), else InvalidRecord."""
+_PLAIN = frozenset((str, int, float))
+
+
+def _plain_json(key: str, v: Any) -> str:
+    """A list of strings or finite numbers (what summaries carry) as JSON, else InvalidRecord."""
     if not isinstance(v, list):
         raise InvalidRecord(f"{key} must be a list")
-    for x in v:
-        ok = isinstance(x, str) or (
-            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-        )
-        if not ok:
-            raise InvalidRecord(f"{key} must hold strings or finite numbers")
-    return v
+    if not set(map(type, v)) <= _PLAIN:  # exact types: no bools, no nesting
+        raise InvalidRecord(f"{key} must hold strings or finite numbers")
+    try:
+        return json.dumps(v, allow_nan=False)
+    except ValueError as exc:  # NaN or infinite
+        raise InvalidRecord(f"{key} must hold strings or finite numbers") from exc
 
 
 def _counts(v: Any) -> dict[str, int]:
@@ -175,7 +177,7 @@ def _summary(src: str, rec: Record, now: float) -> dict[str, Any]:
     return {
         "src": src, "seq": rec.seq, "edge": _str(b, "edge"), "device": _str(b, "device"),
         "first": first, "last": last, "count": count, "t0": _num(b, "t0"), "t1": _num(b, "t1"),
-        **{k: json.dumps(_plain_list(k, v)) for k, v in lists.items()},
+        **{k: _plain_json(k, v) for k, v in lists.items()},
         "events": _int(b, "events"), "stored": now,
     }  # fmt: skip
 

@@ -304,13 +304,29 @@ def _is_int(x: Any) -> bool:
 
 
 def _ints_fit(obj: Any) -> bool:
-    """Whether every integer inside a decoded structure fits in signed 64 bits."""
-    if isinstance(obj, int) and not isinstance(obj, bool):
-        return -INT64_MAX - 1 <= obj <= INT64_MAX
-    if isinstance(obj, dict):
-        return all(_ints_fit(k) and _ints_fit(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return all(_ints_fit(v) for v in obj)
+    """Whether every integer inside a decoded structure fits in signed 64 bits.
+
+    Walks the structure with a stack, comparing exact types (msgpack makes exact ints, floats,
+    strings, lists and dicts; bools are not integers here): it runs on every custody record."""
+    low, high = -INT64_MAX - 1, INT64_MAX
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        t = type(o)
+        if t is int:
+            if not low <= o <= high:
+                return False
+        elif t is dict:
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif t is list:
+            for x in o:
+                tx = type(x)
+                if tx is int:
+                    if not low <= x <= high:
+                        return False
+                elif tx is dict or tx is list:
+                    stack.append(x)
     return True
 
 
@@ -525,7 +541,7 @@ def _plain(body: Any, src: str) -> dict[str, Any]:
     return body
 
 
-_BODY_DECODERS = {
+_BODY_DECODERS: dict[str, Callable[[Any, str], Any]] = {
     "tele": _tele_or_sealed,
     "batch": _batch,
     "ack": _ack,
