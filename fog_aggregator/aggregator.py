@@ -482,7 +482,7 @@ class FogAggregator(Service):
             fields = b.get("fields")
             row = (
                 edge, b.get("device"), b.get("first"), b.get("last"), b.get("label"),
-                b.get("features"), now, json.dumps(fields),
+                b.get("features"), now,
             )  # fmt: skip
             valid = (
                 isinstance(row[1], str)
@@ -497,7 +497,7 @@ class FogAggregator(Service):
                 detail = f"training sample {rec.seq} lacks device/first/last/label/features"
                 self.reject("bad_training_sample", m.topic, m.payload, detail)
                 continue
-            rows.append(row)
+            rows.append((*row, json.dumps(fields)))  # fields: checked to be strings above
         self.db.executemany(
             "INSERT INTO training(edge, device, first, last, label, features, received, fields)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

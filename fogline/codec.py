@@ -39,7 +39,7 @@ _UNPACK_LIMITS: dict[str, int] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and frozen costs 4x
 class Telemetry:
     """Samples of one device: `values[i, j]` is field `fields[j]` of reading `first + i`."""
 
@@ -139,7 +139,7 @@ class Sealed:
     ct: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every message, and frozen costs 4x
 class Envelope:
     """The common wrapper of every message."""
 
@@ -408,6 +408,8 @@ def _telemetry(body: Any, src: str) -> Telemetry:
     _expect(len(set(fields)) == len(fields), "wrong_type", "duplicate field names")
     n = body["n"]
     _expect(_is_int(n) and 0 < n <= MAX_SAMPLES, "too_large" if _is_int(n) else "wrong_type", "n")
+    # The reading after the last is a restart point in SQLite: it must fit in 64 bits too.
+    _expect(body["first"] + n <= INT64_MAX, "out_of_range", "reading numbers beyond 64 bits")
     data = body["data"]
     _expect(isinstance(data, bytes), "wrong_type", "data is not bytes")
     _expect(

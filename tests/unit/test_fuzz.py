@@ -684,6 +684,16 @@ REGRESSIONS = [
     # edge: a telemetry `first` beyond SQLite's int64 (devices.expected)
     ("edge", T.tele("e0", "d0"), _tele("d0", HUGE)),
     ("edge", T.tele("e0", "d0"), _tele("d0", 2**63 - 1)),
+    # edge: the first reading fits in int64, the reading after the last does not
+    (
+        "edge",
+        T.tele("e0", "d0"),
+        encode_telemetry(
+            Telemetry("d0", 2**63 - 7, 1.0, 1.0, ("a",), np.full((7, 1), np.inf, np.float32)),
+            seq=1,
+            ts=1.0,
+        ),
+    ),
     # edge and fog: an ack whose hwm or range is beyond int64 (outbox DELETE)
     ("edge", T.ack("edge", "e0"), _ack("f0", "e0", HUGE)),
     ("edge", T.ack("edge", "e0"), _ack("f0", "e0", 0, [[0, HUGE]])),
@@ -700,6 +710,28 @@ REGRESSIONS = [
         "fog",
         T.up("edge", "e1"),
         _batch("e1", [[0, "train", {"features": b"", "label": "x", "first": [1]}]]),
+    ),
+    # fog: a train record whose field names are bytes (not JSON)
+    (
+        "fog",
+        T.up("edge", "e1"),
+        _batch(
+            "e1",
+            [
+                [
+                    0,
+                    "train",
+                    {
+                        "device": "d0",
+                        "first": 0,
+                        "last": 1,
+                        "label": "x",
+                        "features": bytes(16),
+                        "fields": [b"x"],
+                    },
+                ]
+            ],
+        ),
     ),
     # fog: a train record without features: counted rejected.bad_training_sample, no DLQ copy
     ("fog", T.up("edge", "e1"), _batch("e1", [[0, "train", {"label": "x"}]])),
