@@ -218,7 +218,7 @@ class EdgeCore:
             return None
         std = np.sqrt(state.var) + 1e-9 + 1e-3 * np.abs(state.mean)
         z = (m - state.mean) / std
-        j = int(np.argmax(np.abs(z)))
+        j = int(np.abs(z).argmax())
         abnormal = (
             state.windows_seen > self.rules.warmup_windows and abs(z[j]) > self.rules.z_threshold
         )

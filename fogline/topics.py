@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -16,6 +17,15 @@ def check_id(value: str, what: str = "id") -> str:
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ConfigError(what, f"{value!r} is not a valid id (1-64 of A-Z a-z 0-9 _ . -)")
     return value
+
+
+@functools.lru_cache(maxsize=1 << 16)  # an edge parses its devices' few topics again and again
+def _parse_tele(root: str, topic: str) -> tuple[str, str] | None:
+    prefix = root + "/dev/"
+    parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
+    if len(parts) != 3 or parts[2] != "tele" or not all(_ID.fullmatch(p) for p in parts[:2]):
+        return None
+    return parts[0], parts[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +49,10 @@ class Topics:
 
     def parse_tele(self, topic: str) -> tuple[str, str]:
         """Return `(edge, device)` of a telemetry topic, or raise DecodeError."""
-        prefix = self.root + "/dev/"
-        parts = topic[len(prefix) :].split("/") if topic.startswith(prefix) else []
-        if len(parts) != 3 or parts[2] != "tele" or not all(_ID.fullmatch(p) for p in parts[:2]):
+        parsed = _parse_tele(self.root, topic)
+        if parsed is None:
             raise DecodeError("bad_topic", f"not a telemetry topic: {topic!r}")
-        return parts[0], parts[1]
+        return parsed
 
     # custody hops: records go up, acks come back
     def up(self, role: str, ident: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from bench.blast import blast
 from fogline.broker import Broker
-from fogline.mqttclient import FAST, Client
+from fogline.mqttclient import FAST, READ_BLOCK, Client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(60)
 class Receiver:
     """A persistent-session subscriber on `Client` with manual acks, run by `loop_start`."""
 
-    def __init__(self, broker: Broker, client_id: str, topic: str) -> None:
+    def __init__(self, broker: Broker, client_id: str, topic: str, *, parse: bool = True) -> None:
         self.payloads: list[bytes] = []
         self.mids: list[int] = []
         self.lock = threading.Lock()
@@ -32,6 +32,9 @@ class Receiver:
             manual_ack=True,
         )
         self.client.on_message = self._on_message
+        if parse:  # PUBLISH packets parsed from the read block, as the services run
+            self.client.on_publish_received = self._on_publish
+        self.via_paho = 0
         self.client.on_subscribe = lambda *_a: self.subscribed.set()
         self.client.on_connect = lambda c, *_a: c.subscribe(topic, qos=1)
         self.client.connect(broker.host, broker.port)
@@ -42,6 +45,12 @@ class Receiver:
         with self.lock:
             self.payloads.append(bytes(msg.payload))
             self.mids.append(msg.mid)
+            self.via_paho += 1
+
+    def _on_publish(self, _topic: str, payload: bytes, mid: int, _qos: int) -> None:
+        with self.lock:
+            self.payloads.append(payload)
+            self.mids.append(mid)
 
     def wait_for(self, n: int, timeout: float = 30.0, *, ack: bool = False) -> int:
         """Wait until `n` messages arrived; with `ack`, acknowledge them in batches meanwhile
@@ -68,17 +77,37 @@ def _messages(topic: str, n: int) -> list[tuple[str, bytes]]:
     return [(topic, f"m{i:06d}".encode() * (1 + i % 40)) for i in range(n)]
 
 
-def test_a_pipelined_burst_arrives_whole_and_in_order(broker: Broker) -> None:
+@pytest.mark.parametrize("parse", [True, False], ids=["parsed-from-block", "paho"])
+def test_a_pipelined_burst_arrives_whole_and_in_order(broker: Broker, parse: bool) -> None:
     topic = f"t/{uuid.uuid4().hex}"
-    rx = Receiver(broker, "rx-order", topic)
+    rx = Receiver(broker, f"rx-order-{parse}", topic, parse=parse)
     try:
-        sent = _messages(topic, 5000)
+        # Small messages, then some larger than a read block (they cross its end).
+        sent = _messages(topic, 5000) + [(topic, bytes([i]) * (READ_BLOCK + 999)) for i in range(3)]
         blast(broker.port, sent, qos=1)
         assert rx.wait_for(len(sent), ack=True) == len(sent)
         assert rx.payloads == [p for _t, p in sent]  # no packet split or merged by the buffer
+        assert len(set(rx.mids)) > 1000
+        if parse:
+            assert rx.via_paho < len(sent) // 10, "most packets parsed from the block"
+        else:
+            assert rx.via_paho == len(sent)
         # The last message is delivered at once, not when the next bytes happen to arrive.
         blast(broker.port, [(topic, b"last")], qos=1)
         assert rx.wait_for(len(sent) + 1, timeout=2.0, ack=True) == len(sent) + 1
+    finally:
+        rx.close()
+
+
+def test_qos0_messages_are_parsed_too(broker: Broker) -> None:
+    topic = f"t/{uuid.uuid4().hex}"
+    rx = Receiver(broker, "rx-q0", topic)
+    try:
+        sent = _messages(topic, 3000)
+        blast(broker.port, sent, qos=0)
+        assert rx.wait_for(len(sent)) == len(sent)
+        assert rx.payloads == [p for _t, p in sent]
+        assert set(rx.mids) == {0}
     finally:
         rx.close()
 
