@@ -130,14 +130,29 @@ def _range(body: dict[str, Any]) -> tuple[int, int, int]:
 
 
 _PLAIN = frozenset((str, int, float))
+_NUMBERS = frozenset((int, float))
+_STRINGS_JSON: dict[tuple[str, ...], str] = {}  # field-name lists repeat on every summary
 
 
 def _plain_json(key: str, v: Any) -> str:
     """A list of strings or finite numbers (what summaries carry) as JSON, else InvalidRecord."""
     if not isinstance(v, list):
         raise InvalidRecord(f"{key} must be a list")
-    if not set(map(type, v)) <= _PLAIN:  # exact types: no bools, no nesting
+    types = set(map(type, v))  # exact types: no bools, no nesting
+    if types <= _NUMBERS:
+        if not all(map(math.isfinite, v)):
+            raise InvalidRecord(f"{key} must hold strings or finite numbers")
+        return "[" + ", ".join(map(repr, v)) + "]"  # what json.dumps writes for these
+    if not types <= _PLAIN:
         raise InvalidRecord(f"{key} must hold strings or finite numbers")
+    if types == {str}:
+        names = tuple(v)
+        text = _STRINGS_JSON.get(names)
+        if text is None:
+            text = json.dumps(v)
+            if len(_STRINGS_JSON) < 1024:
+                _STRINGS_JSON[names] = text
+        return text
     try:
         return json.dumps(v, allow_nan=False)
     except ValueError as exc:  # NaN or infinite
