@@ -34,7 +34,7 @@ class Rules:
 
 #: Readings blocks a summary keeps before folding them into its totals (one reduction per
 #: this many messages instead of one per message).
-FOLD_BLOCKS = 32
+FOLD_BLOCKS = 8
 
 
 @dataclass(slots=True)
