@@ -15,9 +15,10 @@ messages per second those calls are most of a receiving process's time. `Client`
   without paho's per-message objects, logging and topic matching. Anything else (other packets,
   QoS 2, a packet cut by the block's end, a topic that is not UTF-8) goes through paho as before.
 
-Both hook paho 2's socket read (`_sock_recv`, `_sock_close`) and packet queue (`_packet_queue`),
-which paho-mqtt 2.x keeps stable; on a paho without them the client falls back to paho's own
-reads and one `ack` per message (`FAST` is False).
+They hook paho 2's socket read (`_sock_recv`, `_sock_close`), packet read (`_packet_read`,
+`_loop`) and packet queue (`_packet_queue`), which paho-mqtt 2.x keeps stable (the project pins
+`<3`); on a paho without them the client falls back to paho's own reads and one `ack` per message
+(`FAST` is False).
 """
 
 from __future__ import annotations
