@@ -134,12 +134,13 @@ def e2e(quick: bool) -> dict[str, Any]:
             median = dict(tries[len(tries) // 2])
             median["tries"] = [round(t["readings_per_s"]) for t in tries]
             runs.append(median)
-    best: dict[str, dict[str, Any] | None] = {}
+    best = []  # per series: its highest sustained run, or None
     for devices, samples, _ladder in series:
         ok = [
             r for r in runs if r["sustained"] and (r["devices"], r["samples"]) == (devices, samples)
         ]
-        best[f"{devices}x{samples}"] = max(ok, key=lambda r: r["readings_per_s"]) if ok else None
+        top = max(ok, key=lambda r: r["readings_per_s"]) if ok else None
+        best.append({"devices": devices, "samples": samples, "run": top})
     return {"baseline": {str(k): v for k, v in base.items()}, "runs": runs, "best": best,
             "duration": duration}  # fmt: skip
 
@@ -462,19 +463,17 @@ def render_e2e(res: dict[str, Any], command: str) -> str:
         "within 2 s of the devices. Highest sustained rate per series:",
         "",
     ]
-    for key, best in res["best"].items():
-        devices, samples = key.split("x")
-        if best:
-            b = base[samples]
-            lines.append(
-                f"- {int(devices):,} devices, {samples} readings per message: "
-                f"**{best['readings_per_s']:,.0f} readings/s** "
-                f"({best['readings_per_s'] / int(samples):,.0f} msg/s), "
-                f"{best['readings_per_s'] / b['readings_per_s']:.0%} of the raw broker's ceiling "
-                "for the same messages."
-            )
-        else:
-            lines.append(f"- {int(devices):,} devices, {samples} readings per message: none.")
+    for s in res["best"]:
+        head = f"- {s['devices']:,} devices, {s['samples']} readings per message: "
+        if s["run"] is None:
+            lines.append(head + "none.")
+            continue
+        rate = s["run"]["readings_per_s"]
+        lines.append(
+            f"{head}**{rate:,.0f} readings/s** ({rate / s['samples']:,.0f} msg/s), "
+            f"{rate / base[str(s['samples'])]['readings_per_s']:.0%} of the raw broker's "
+            "ceiling for the same messages."
+        )
     lines += [
         "",
         "Each row is the median of its runs by throughput; a run is one `fogline up` (one "

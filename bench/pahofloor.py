@@ -8,6 +8,7 @@ without messages). `--fogline` uses fogline's client (block reads, batched acks)
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 import time
@@ -18,8 +19,15 @@ from fogline.mqttclient import Client
 
 
 def main(argv: list[str]) -> int:
-    port, qos, n = int(argv[0]), int(argv[1]), int(argv[2])
-    fogline = "--fogline" in argv
+    """Entry point (started by `python -m bench peer`)."""
+    p = argparse.ArgumentParser(prog="python -m bench.pahofloor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("port", type=int, help="broker port on 127.0.0.1")
+    p.add_argument("qos", type=int, choices=(0, 1), help="subscription QoS")
+    p.add_argument("n", type=int, help="messages to wait for")
+    p.add_argument("--fogline", action="store_true", help="use fogline's client")
+    args = p.parse_args(argv)
+    port, qos, n, fogline = args.port, args.qos, args.n, args.fogline
     got, last = [0], [0.0]
     done, subscribed = threading.Event(), threading.Event()
     mids: list[int] = []
@@ -43,7 +51,11 @@ def main(argv: list[str]) -> int:
 
     client.on_message = on_message
     client.on_subscribe = lambda *_a: subscribed.set()
-    client.connect("127.0.0.1", port)
+    try:
+        client.connect("127.0.0.1", port)
+    except OSError as exc:
+        print(f"cannot reach a broker at 127.0.0.1:{port}: {exc}", file=sys.stderr)
+        return 1
     client.subscribe("fl/v1/dev/+/+/tele", qos=qos)
     client.loop_start()
     if not subscribed.wait(10):

@@ -449,20 +449,15 @@ def _batch(body: Any, src: str) -> Batch:
     recs = body["recs"] if "recs" in body else _inflate(body["zrecs"])
     _expect(isinstance(recs, list) and len(recs) <= MAX_RECORDS, "wrong_type", "recs")
     out = []
-    # Every custody record passes here: the checks are written out (exact msgpack types)
-    # rather than made through `_expect`.
     for r in recs:
-        if type(r) is not list or len(r) != 3:
-            raise DecodeError("wrong_type", "record is not [seq, kind, body]")
+        _expect(
+            isinstance(r, list) and len(r) == 3, "wrong_type", "record is not [seq, kind, body]"
+        )
         seq, kind, rbody = r
-        if type(seq) is not int or not 0 <= seq <= INT64_MAX:
-            raise DecodeError("wrong_type", "record seq")
-        if type(kind) is not str or not 0 < len(kind) <= 32:
-            raise DecodeError("wrong_type", "record kind")
-        if type(rbody) is not dict:
-            raise DecodeError("wrong_type", "record body is not a map")
-        if not _ints_fit(rbody):
-            raise DecodeError("out_of_range", "an integer in a record exceeds 64 bits")
+        _expect(_is_int(seq) and seq >= 0, "wrong_type", "record seq")
+        _expect(isinstance(kind, str) and 0 < len(kind) <= 32, "wrong_type", "record kind")
+        _expect(isinstance(rbody, dict), "wrong_type", "record body is not a map")
+        _expect(_ints_fit(rbody), "out_of_range", "an integer in a record exceeds 64 bits")
         out.append(Record(seq, kind, rbody))
     return Batch(low=body["low"], records=tuple(out))
 
