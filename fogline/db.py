@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,19 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
     """Open a database in WAL mode; the connection manages transactions explicitly."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA journal_mode=WAL")
+    # Turning a new file to WAL needs it alone, and SQLite answers "locked" at once rather than
+    # through the busy timeout while another process does the same (sink workers starting
+    # together on one store): wait for it, within the same 30 s.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.01)
     # FULL survives power loss, not only process crashes; commits are batched so it is cheap.
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA busy_timeout=30000")

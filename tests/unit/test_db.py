@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,26 @@ def test_three_levels_of_nesting(conn: sqlite3.Connection) -> None:
                 raise Boom
             conn.execute("INSERT INTO t VALUES ('2b')")
     assert _names(_reopen(conn)) == ["1", "2", "2b"]
+
+
+def _open_at(path: str, start: float) -> str:
+    while time.time() < start:
+        pass
+    try:
+        conn = db.connect(Path(path))
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        conn.close()
+        return str(mode)
+    except sqlite3.Error as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_processes_opening_a_new_database_at_once_all_get_it_in_wal(tmp_path: Path) -> None:
+    """Several sink workers start together on one store that does not exist yet."""
+    ctx = multiprocessing.get_context("spawn")
+    for attempt in range(5):
+        path = str(tmp_path / f"new{attempt}.db")
+        with ctx.Pool(6) as pool:
+            start = time.time() + 1.0  # all workers up before any opens
+            modes = pool.starmap(_open_at, [(path, start)] * 6)
+        assert modes == ["wal"] * 6
